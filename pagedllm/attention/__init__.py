@@ -1,0 +1,1 @@
+"""Attention: the backend interface, its metadata, the registry of backends, and the layer."""

@@ -1,0 +1,56 @@
+"""`Attention`: the nn.Module that model files use; it dispatches to the chosen backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagedllm.attention.backend import AttentionImpl
+from pagedllm.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    """Paged attention for one layer.
+
+    `kv_cache` is bound by the worker after the cache is allocated. Without attention metadata
+    (a profiling pass) the whole batch is treated as one causal sequence and nothing is cached.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        num_kv_heads: int,
+        impl_cls: type[AttentionImpl],
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.impl = impl_cls(num_heads, head_dim, scale, num_kv_heads, sliding_window)
+        self.kv_cache: torch.Tensor = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, num_heads * head_dim], k/v: [T, num_kv_heads * head_dim] → [T, num_heads * head_dim]."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        metadata = get_forward_context().attn_metadata
+        if metadata is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1),
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=True,
+            ).transpose(0, 1)
+        else:
+            out = self.impl.forward(q, k, v, self.kv_cache, metadata)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

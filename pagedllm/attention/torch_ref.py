@@ -1,0 +1,197 @@
+"""`TorchRefAttention`: paged attention in pure PyTorch, the CPU backend and the oracle of kernels.
+
+Owns the reference semantics of `AttentionImpl.forward`: write the step's K/V into the paged
+cache at `slot_mapping`, then let every query row attend over its request's cached context
+through the block table (causal, optional sliding window, GQA). Decode rows (query length 1)
+of all requests run as one padded, masked batch; longer query rows (prompt chunks, possibly
+after cached context) run one request at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from pagedllm.attention.backend import AttentionImpl, AttentionMetadata
+
+_DECODE_CHUNK_BYTES = 8 << 20
+
+
+def write_to_kv_cache(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # int64 [T]
+) -> None:
+    """Stores token `t`'s K/V in flat slot `slot_mapping[t]` (= block * block_size + offset).
+
+    NOTE: every slot is valid (>= 0); `view` (not `reshape`) so a non-viewable cache fails loudly
+    instead of silently writing into a copy.
+    """
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def gather_kv(
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_ids: torch.Tensor,  # int [B, nb], each a valid block id
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the given blocks laid end to end: two `[B, nb * block_size, Hkv, D]` tensors."""
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    batch, nb = block_ids.shape
+    flat_ids = block_ids.reshape(-1).long()
+    key = kv_cache[0].index_select(0, flat_ids)
+    value = kv_cache[1].index_select(0, flat_ids)
+    shape = (batch, nb * block_size, num_kv_heads, head_dim)
+    return key.view(shape), value.view(shape)
+
+
+def _key_window_start(seq_len: int, query_len: int, sliding_window: int | None) -> int:
+    """The first key position any of the request's query rows can attend to."""
+    if sliding_window is None:
+        return 0
+    return max(0, seq_len - query_len - sliding_window + 1)
+
+
+class TorchRefAttention(AttentionImpl):
+    """Reference paged attention; see `AttentionImpl.forward` for the contract.
+
+    NOTE: cache slots that were never written must hold finite values (allocate the cache with
+    `torch.zeros`, not `torch.empty`): padded and masked keys are read and get weight exactly 0,
+    but 0 x NaN is NaN.
+    """
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = metadata.num_actual_tokens
+        # NOTE: rows past num_actual_tokens (batch padding) are neither cached nor attended; their
+        # output is zero.
+        write_to_kv_cache(key[:num_tokens], value[:num_tokens], kv_cache, metadata.slot_mapping)
+        output = torch.zeros_like(query)
+        starts = metadata.query_start_loc_cpu.tolist()
+        seq_lens = metadata.seq_lens_cpu.tolist()
+        decode_reqs: list[int] = []
+        for i in range(metadata.num_reqs):
+            query_len = starts[i + 1] - starts[i]
+            if query_len == 1:
+                decode_reqs.append(i)
+            elif query_len > 1:
+                self._forward_one(
+                    query, kv_cache, metadata, i, starts[i], query_len, seq_lens[i], output
+                )
+        if decode_reqs:
+            self._forward_decodes(query, kv_cache, metadata, decode_reqs, starts, seq_lens, output)
+        return output
+
+    def _forward_one(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        req: int,
+        start: int,
+        query_len: int,
+        seq_len: int,
+        output: torch.Tensor,
+    ) -> None:
+        """Request `req`'s `query_len` rows (positions `seq_len - query_len` on) over its cache."""
+        block_size = kv_cache.shape[2]
+        key_start = _key_window_start(seq_len, query_len, self.sliding_window)
+        first_block = key_start // block_size
+        last_block = (seq_len - 1) // block_size
+        block_ids = metadata.block_table[req : req + 1, first_block : last_block + 1]
+        key, value = gather_kv(kv_cache, block_ids)  # [1, L, Hkv, D]
+        device = query.device
+        key_pos = first_block * block_size + torch.arange(key.shape[1], device=device)
+        query_pos = seq_len - query_len + torch.arange(query_len, device=device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        if self.sliding_window is not None:
+            mask &= key_pos[None, :] > query_pos[:, None] - self.sliding_window
+        q = query[start : start + query_len].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+        out = F.scaled_dot_product_attention(
+            q,
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [1, H, Q, D]
+        output[start : start + query_len] = out[0].transpose(0, 1)
+
+    def _forward_decodes(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        reqs: list[int],
+        starts: list[int],
+        seq_lens: list[int],
+        output: torch.Tensor,
+    ) -> None:
+        """All single-row requests, in chunks whose gathered K (and V) stay under a byte budget."""
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        window = self.sliding_window
+        longest = max(seq_lens[i] if window is None else min(seq_lens[i], window) for i in reqs)
+        bytes_per_req = (longest + 2 * block_size) * num_kv_heads * head_dim * kv_cache.itemsize
+        # NOTE: a bounded gather bounds peak memory and lets the allocator reuse one buffer
+        # (large fresh allocations cost a page fault per 4 KiB, more than the copy itself).
+        chunk = max(1, _DECODE_CHUNK_BYTES // bytes_per_req)
+        for lo in range(0, len(reqs), chunk):
+            self._forward_decode_chunk(
+                query, kv_cache, metadata, reqs[lo : lo + chunk], starts, seq_lens, output
+            )
+
+    def _forward_decode_chunk(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        reqs: list[int],
+        starts: list[int],
+        seq_lens: list[int],
+        output: torch.Tensor,
+    ) -> None:
+        """Single-row requests at once: their blocks gathered, padded to the longest, masked."""
+        block_size = kv_cache.shape[2]
+        device = query.device
+        lens = [seq_lens[i] for i in reqs]
+        key_starts = [_key_window_start(n, 1, self.sliding_window) for n in lens]
+        first_blocks = [s // block_size for s in key_starts]
+        num_blocks = max(
+            (n - 1) // block_size - f + 1 for n, f in zip(lens, first_blocks, strict=True)
+        )
+        req_idx = torch.tensor(reqs, device=device)
+        first = torch.tensor(first_blocks, device=device)
+        seq_len = torch.tensor(lens, device=device)
+        key_start = torch.tensor(key_starts, device=device)
+        cols = first[:, None] + torch.arange(num_blocks, device=device)  # [B, nb]
+        # NOTE: columns past a request's last block may be past the table's width or hold any
+        # value; they are pointed at block 0 and masked out below.
+        last_col = (seq_len - 1) // block_size
+        in_range = cols <= last_col[:, None]
+        cols = torch.where(in_range, cols, 0)
+        block_ids = metadata.block_table[req_idx[:, None], cols]
+        block_ids = torch.where(in_range, block_ids, 0)
+        key, value = gather_kv(kv_cache, block_ids)  # [B, L, Hkv, D]
+        key_pos = first[:, None] * block_size + torch.arange(key.shape[1], device=device)
+        mask = (key_pos >= key_start[:, None]) & (key_pos < seq_len[:, None])  # [B, L]
+        # GQA without repeating K/V: the G query heads sharing a KV head act as G query rows.
+        rows = torch.tensor([starts[i] for i in reqs], device=device)
+        group = self.num_heads // self.num_kv_heads
+        q = query[rows].view(len(reqs), self.num_kv_heads, group, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            q,
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+        )  # [B, Hkv, G, D]
+        output[rows] = out.reshape(len(reqs), self.num_heads, self.head_dim)

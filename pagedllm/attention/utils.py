@@ -1,0 +1,61 @@
+"""`build_metadata`: `AttentionMetadata` from plain per-request lists (tests, simple runners)."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.attention.backend import AttentionMetadata
+
+
+def build_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str,
+) -> AttentionMetadata:
+    """Metadata for requests whose last `query_lens[i]` of `seq_lens[i]` tokens are this step's.
+
+    Request `i`'s token at position `p` lives in slot
+    `block_tables[i][p // block_size] * block_size + p % block_size`. The block table is padded
+    with 0 to the longest request's list of blocks.
+    """
+    num_reqs = len(query_lens)
+    if not (len(seq_lens) == len(block_tables) == num_reqs):
+        raise ValueError("query_lens, seq_lens and block_tables must have one entry per request")
+    for q, s, blocks in zip(query_lens, seq_lens, block_tables, strict=True):
+        if not 1 <= q <= s:
+            raise ValueError(f"need 1 <= query_len <= seq_len, got {q} and {s}")
+        if len(blocks) * block_size < s:
+            raise ValueError(f"{len(blocks)} blocks of {block_size} cannot hold {s} tokens")
+
+    width = max((len(b) for b in block_tables), default=0) or 1
+    table = torch.zeros(num_reqs, width, dtype=torch.int32)
+    for i, blocks in enumerate(block_tables):
+        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
+    q_lens = torch.tensor(query_lens, dtype=torch.int64)
+    s_lens = torch.tensor(seq_lens, dtype=torch.int64)
+    query_start_loc = torch.zeros(num_reqs + 1, dtype=torch.int64)
+    torch.cumsum(q_lens, 0, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
+    offset_in_query = torch.arange(num_tokens) - query_start_loc[req_of_token]
+    positions = s_lens[req_of_token] - q_lens[req_of_token] + offset_in_query
+    blocks_of_token = table[req_of_token, positions // block_size].long()
+    slot_mapping = blocks_of_token * block_size + positions % block_size
+
+    query_start_loc_cpu = query_start_loc.to(torch.int32)
+    seq_lens_cpu = s_lens.to(torch.int32)
+    return AttentionMetadata(
+        num_reqs=num_reqs,
+        num_actual_tokens=num_tokens,
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_start_loc=query_start_loc_cpu.to(device),
+        seq_lens=seq_lens_cpu.to(device),
+        block_table=table.to(device),
+        slot_mapping=slot_mapping.to(device),
+        query_start_loc_cpu=query_start_loc_cpu,
+        seq_lens_cpu=seq_lens_cpu,
+    )

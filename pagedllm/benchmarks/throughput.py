@@ -1,0 +1,171 @@
+"""`pagedllm bench throughput`: offline throughput on T1 (or a scaled-down T1), for pagedllm and,
+in the same run, HF transformers `generate` in static batches, so the ratio is measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+from pagedllm.benchmarks.workloads import BenchRequest, t1_requests
+from pagedllm.engine_args import EngineArgs
+
+
+@dataclass
+class ThroughputResult:
+    backend: str
+    num_requests: int
+    elapsed_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tok_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+    def line(self) -> str:
+        return (
+            f"{self.backend:>9}: {self.requests_per_s:8.2f} req/s  "
+            f"{self.output_tok_per_s:10.1f} output tok/s  {self.total_tok_per_s:10.1f} total tok/s  "
+            f"({self.num_requests} requests, {self.output_tokens} output tokens, {self.elapsed_s:.1f} s)"
+        )
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="pagedllm", help="pagedllm, hf, or both: pagedllm,hf")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument(
+        "--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX")
+    )
+    parser.add_argument(
+        "--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX")
+    )
+    parser.add_argument("--workload-seed", type=int, default=0, help="lengths; prompt ids use +1")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--output-json", default=None, help="write the results here")
+    EngineArgs.add_cli_args(parser)
+
+
+def run_pagedllm(
+    args: EngineArgs, requests: list[BenchRequest], temperature: float
+) -> ThroughputResult:
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(**vars(args))
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [
+        SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True)
+        for r in requests
+    ]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    return ThroughputResult(
+        "pagedllm",
+        len(requests),
+        elapsed,
+        sum(len(r.prompt_token_ids) for r in requests),
+        sum(len(o.outputs[0].token_ids) for o in outputs),
+    )
+
+
+def run_hf(
+    args: EngineArgs, requests: list[BenchRequest], temperature: float, batch_size: int
+) -> ThroughputResult:
+    """HF `generate` in static batches sorted by prompt length; each batch runs to its longest
+    output, and only the tokens each request asked for count."""
+    import torch
+
+    from pagedllm.benchmarks.hf_model import load_hf_model
+
+    model, device = load_hf_model(args)
+    order = sorted(requests, key=lambda r: len(r.prompt_token_ids))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(order), batch_size):
+            batch = order[lo : lo + batch_size]
+            width = max(len(r.prompt_token_ids) for r in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, r in enumerate(batch):  # left padding
+                ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+                mask[i, width - len(r.prompt_token_ids) :] = 1
+            new = max(r.output_len for r in batch)
+            model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_k=None,
+                top_p=None,
+                pad_token_id=0,
+            )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return ThroughputResult(
+        "hf",
+        len(requests),
+        elapsed,
+        sum(len(r.prompt_token_ids) for r in requests),
+        sum(r.output_len for r in requests),
+    )
+
+
+def main(ns: argparse.Namespace) -> list[ThroughputResult]:
+    engine_args = EngineArgs.from_cli_args(ns)
+    config = engine_args.create_engine_config()
+    requests = t1_requests(
+        ns.num_prompts,
+        tuple(ns.input_len),
+        tuple(ns.output_len),
+        config.model_config.vocab_size,
+        ns.workload_seed,
+    )
+    results = []
+    for backend in ns.backend.split(","):
+        if backend == "pagedllm":
+            results.append(run_pagedllm(engine_args, requests, ns.temperature))
+        elif backend == "hf":
+            results.append(run_hf(engine_args, requests, ns.temperature, ns.hf_batch_size))
+        else:
+            raise ValueError(f"unknown backend {backend!r}: use pagedllm, hf or pagedllm,hf")
+    print(
+        f"model {config.model_config.model} ({config.model_config.dtype}, "
+        f"{config.device_config.device}), {len(requests)} requests"
+    )
+    for r in results:
+        print(r.line())
+    if len(results) == 2:
+        ratio = results[0].output_tok_per_s / results[1].output_tok_per_s
+        print(f"ratio {results[0].backend}/{results[1].backend} (output tok/s): {ratio:.2f}x")
+    if ns.output_json:
+        with open(ns.output_json, "w") as f:
+            json.dump(
+                [
+                    {
+                        "backend": r.backend,
+                        "requests_per_s": r.requests_per_s,
+                        "output_tok_per_s": r.output_tok_per_s,
+                        "total_tok_per_s": r.total_tok_per_s,
+                        "elapsed_s": r.elapsed_s,
+                        "output_tokens": r.output_tokens,
+                    }
+                    for r in results
+                ],
+                f,
+                indent=2,
+            )
+    return results

@@ -1,0 +1,256 @@
+"""The token-budget scheduler.
+
+Each step hands out at most `max_num_batched_tokens` tokens: first to running requests (in arrival
+order), then to waiting ones (first come, first served). A request's share is simply
+`num_tokens - num_computed_tokens`, cut to the budget left, so long prompts are chunked across
+steps, prefix-cache hits skip ahead, and one step mixes prompt chunks with decode tokens.
+
+When the KV cache runs out, the most recently arrived running request is preempted by
+recompute: its blocks are freed and it goes back to the front of the waiting queue with
+`num_computed_tokens = 0`; its tokens so far are kept, so its final output is unchanged.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterable
+
+from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.engine.kv_cache_manager import KVCacheManager
+from pagedllm.engine.request import FinishReason, Request, RequestStatus
+from pagedllm.engine.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from pagedllm.engine.stats import SchedulerStats
+
+
+class EngineCoreOutput:
+    """One request's news from one step: the tokens it gained, and whether it ended."""
+
+    __slots__ = (
+        "finish_reason",
+        "new_logprobs",
+        "new_token_ids",
+        "num_cached_tokens",
+        "request_id",
+        "stop_reason",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        new_token_ids: list[int],
+        finish_reason: FinishReason | None = None,
+        stop_reason: int | str | None = None,
+        new_logprobs: list[float] | None = None,
+        num_cached_tokens: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.num_cached_tokens = num_cached_tokens
+        self.new_token_ids = new_token_ids
+        self.finish_reason = finish_reason
+        self.stop_reason = stop_reason
+        self.new_logprobs = new_logprobs
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Scheduler:
+    def __init__(
+        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+    ) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        # NOTE: kept sorted by arrival, so the last one is the preemption victim.
+        self.running: list[Request] = []
+        # Ended since the last schedule(): the worker drops their state on the next step.
+        self.finished_req_ids: set[str] = set()
+        self.stats = SchedulerStats()
+
+    # ----- requests in and out -----
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Ends requests from outside the step (an abort, or a stop string the detokenizer saw)."""
+        ended = []
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            ended.append(request)
+        return ended
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ----- one step -----
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: list[Request] = []
+
+        # Running requests first, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new > 0, "a running request always has a token to compute"
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
+            while new_blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
+            if new_blocks is None:
+                break  # the request preempted itself: nothing after it is running either
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            cached_reqs.append(
+                CachedRequestData(
+                    req_id=request.request_id,
+                    new_block_ids=[b.block_id for b in new_blocks],
+                    num_computed_tokens=request.num_computed_tokens,
+                )
+            )
+            i += 1
+
+        # Then waiting ones, unless this step had to preempt (the cache is full).
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hit_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            new_blocks = self.kv_cache_manager.allocate_slots(
+                request, num_new, hit_blocks, num_hit_tokens
+            )
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            self.kv_cache_manager.record_prefix_lookup(request, num_hit_tokens)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            bisect.insort(self.running, request, key=lambda r: r.arrival_order)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(
+                NewRequestData(
+                    req_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=list(request.output_token_ids),
+                    sampling_params=request.sampling_params,
+                    block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+                    num_computed_tokens=num_hit_tokens,
+                )
+            )
+
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids={r.request_id for r in preempted},
+        )
+        self.finished_req_ids = set()
+        # NOTE: the scheduled tokens count as computed from here on; the next schedule() sees
+        # the step's results, because steps run one after another.
+        for req_id, n in num_scheduled.items():
+            request = self.requests[req_id]
+            prompt_left = request.num_prompt_tokens - request.num_computed_tokens
+            self.stats.num_prompt_tokens += min(max(prompt_left, 0), n)
+            request.num_computed_tokens += n
+        self.stats.num_preemptions += len(preempted)
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Appends the sampled tokens, ends requests that hit a stop condition, frees them."""
+        outputs: list[EngineCoreOutput] = []
+        logprobs = runner_output.sampled_logprobs
+        for idx, (req_id, token_ids) in enumerate(
+            zip(runner_output.req_ids, runner_output.sampled_token_ids)
+        ):
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished or not token_ids:
+                continue  # aborted during the step, or a prompt chunk that sampled nothing
+            new_ids: list[int] = []
+            for token_id in token_ids:
+                request.append_output_token_ids([token_id])
+                new_ids.append(token_id)
+                if request.check_stop():
+                    break
+            new_logprobs = logprobs[idx][: len(new_ids)] if logprobs is not None else None
+            if request.is_finished:
+                self.running.remove(request)
+                self._free(request)
+            outputs.append(
+                EngineCoreOutput(
+                    req_id,
+                    new_ids,
+                    request.status.finish_reason,
+                    request.stop_reason,
+                    new_logprobs,
+                    max(request.num_cached_tokens, 0),
+                )
+            )
+            self.stats.num_generation_tokens += len(new_ids)
+        self.stats.num_steps += 1
+        return outputs
+
+    def make_stats(self) -> SchedulerStats:
+        self.stats.num_running_reqs = len(self.running)
+        self.stats.num_waiting_reqs = len(self.waiting)
+        self.stats.kv_cache_usage = self.kv_cache_manager.usage
+        return self.stats

@@ -1,0 +1,271 @@
+"""EngineArgs: the one source of engine options for `LLM(**kwargs)` and the CLI flags.
+
+Field names are vLLM's; each becomes a flag (`max_model_len` → `--max-model-len`).
+`create_engine_config()` reads the model's HF config and resolves every default once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pagedllm.config import (
+    SUPPORTED_DTYPES,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_size,
+)
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "gguf")
+CONFIGS_DIR = Path(__file__).parent / "configs"
+DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = field(
+        default=None,
+        metadata=_help(
+            "HF model folder, a .gguf file, or a config .json (with --load-format dummy)"
+        ),
+    )
+    tokenizer: str | None = field(default=None, metadata=_help("tokenizer folder (default: model)"))
+    skip_tokenizer_init: bool = field(default=False, metadata=_help("no tokenizer: token ids only"))
+    dtype: str = field(default="auto", metadata=_help("auto, float32, bfloat16 or float16"))
+    max_model_len: int | None = field(
+        default=None, metadata=_help("context length (prompt + output)")
+    )
+    max_num_seqs: int | None = field(default=None, metadata=_help("most sequences in one step"))
+    max_num_batched_tokens: int | None = field(
+        default=None, metadata=_help("most tokens in one step")
+    )
+    block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV of shared prefixes"))
+    kv_cache_memory: int | str | None = field(
+        default=None, metadata=_help("KV-cache budget in bytes or like '2GiB' (CPU default 4GiB)")
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata=_help("fraction of GPU memory for weights, activations and KV cache")
+    )
+    num_gpu_blocks_override: int | None = field(
+        default=None, metadata=_help("exact number of KV blocks (testing)")
+    )
+    seed: int = field(default=0, metadata=_help("random seed"))
+    load_format: str = field(default="auto", metadata=_help("auto, safetensors, gguf or dummy"))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+    attention_backend: str | None = field(
+        default=None, metadata=_help("torch, triton (default: best)")
+    )
+    enforce_eager: bool = field(default=False, metadata=_help("no CUDA graphs"))
+    max_logprobs: int = field(default=20, metadata=_help("most logprobs a request may ask for"))
+    tensor_parallel_size: int = field(default=1, metadata=_help("GPUs per model replica"))
+    disable_log_stats: bool = field(default=True, metadata=_help("no periodic stats in the log"))
+
+    # ----- CLI -----
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if f.type in ("bool", bool):
+                parser.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+                )
+            else:
+                parser.add_argument(flag, type=_cli_type(f.type), default=f.default, help=help_text)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    # ----- config -----
+
+    def create_engine_config(self) -> EngineConfig:
+        device = _resolve_device(self.device)
+        model_path, load_format = _resolve_model(self.model, self.load_format)
+        hf_config = _load_hf_config(model_path)
+        model_config = _build_model_config(self, hf_config, model_path, load_format, device)
+        max_num_seqs = self.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+        max_num_batched_tokens = self.max_num_batched_tokens or max(
+            DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs
+        )
+        kv_cache_memory = (
+            None
+            if self.kv_cache_memory is None
+            else parse_size(self.kv_cache_memory, "kv_cache_memory")
+        )
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_memory=kv_cache_memory,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=model_config.max_model_len,
+            ),
+            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device_config=DeviceConfig(device=device),
+            attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
+            max_logprobs=self.max_logprobs,
+            disable_log_stats=self.disable_log_stats,
+        )
+
+
+def _cli_type(annotation: Any) -> Any:
+    text = str(annotation)
+    if text.startswith("int | str"):
+        return str  # sizes such as "2GiB"; parse_size reads them
+    if "float" in text:
+        return float
+    if "int" in text:
+        return int
+    return str
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_model(model: str | None, load_format: str) -> tuple[str, str]:
+    """The HF folder (or config JSON) to read, and the load format to use."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(
+            f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}"
+        )
+    if model is None:
+        from pagedllm.models.default import default_model_path
+
+        model = str(default_model_path())
+    if model.endswith(".gguf"):
+        from pagedllm.loader.gguf import resolve_gguf
+
+        if not os.path.isfile(model):
+            raise ValueError(f"no GGUF file at {model}")
+        return str(resolve_gguf(model)), "safetensors" if load_format == "auto" else load_format
+    if not os.path.exists(model):
+        packaged = CONFIGS_DIR / f"{model}.json"
+        if not packaged.is_file():
+            raise ValueError(
+                f"model {model!r} is not a local folder or file, nor a packaged shape "
+                f"({', '.join(packaged_shapes())}); no model is downloaded at run time"
+            )
+        model = str(packaged)
+    if model.endswith(".json") and load_format != "dummy":
+        raise ValueError(f"{model} is a bare config: it needs load_format='dummy' (random weights)")
+    return model, load_format
+
+
+def packaged_shapes() -> list[str]:
+    """Model shapes shipped as HF config JSON (pagedllm/configs), for load_format='dummy'."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+def _load_hf_config(model_path: str) -> Any:
+    from transformers import AutoConfig
+
+    if model_path.endswith(".json"):
+        data = json.loads(Path(model_path).read_text())
+        return AutoConfig.for_model(**data)
+    return AutoConfig.from_pretrained(model_path)
+
+
+def _resolve_dtype(dtype: str, hf_config: Any, device: str) -> str:
+    if dtype != "auto":
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"dtype must be auto or one of {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}"
+            )
+        return dtype
+    if device == "cpu":
+        return "float32"
+    config_dtype = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", ""))
+    return "float16" if "float16" in config_dtype and "bfloat" not in config_dtype else "bfloat16"
+
+
+def _eos_token_ids(hf_config: Any, model_dir: str | None) -> tuple[int, ...]:
+    """EOS ids from the config and, in a model folder, from generation_config.json."""
+    ids: list[int] = []
+    sources: list[Any] = [getattr(hf_config, "eos_token_id", None)]
+    gen_path = Path(model_dir) / "generation_config.json" if model_dir else None
+    if gen_path is not None and gen_path.is_file():
+        sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+    for value in sources:
+        for tok in value if isinstance(value, list) else [value]:
+            if isinstance(tok, int) and tok not in ids:
+                ids.append(tok)
+    return tuple(ids)
+
+
+def _build_model_config(
+    args: EngineArgs, hf_config: Any, model_path: str, load_format: str, device: str
+) -> ModelConfig:
+    from pagedllm.models.registry import resolve_model_cls, supported_architectures
+
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    resolve_model_cls(architectures)  # a clear error listing the supported ones
+    architecture = next(a for a in architectures if a in supported_architectures())
+    derived_len = int(getattr(hf_config, "max_position_embeddings", 2048))
+    max_model_len = args.max_model_len or derived_len
+    if max_model_len > derived_len:
+        raise ValueError(
+            f"max_model_len={max_model_len} is larger than the model's "
+            f"max_position_embeddings={derived_len}"
+        )
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    is_folder = os.path.isdir(model_path)
+    tokenizer = args.tokenizer or (model_path if is_folder else None)
+    return ModelConfig(
+        model=model_path,
+        tokenizer=None if args.skip_tokenizer_init else tokenizer,
+        dtype=_resolve_dtype(args.dtype, hf_config, device),
+        max_model_len=max_model_len,
+        seed=args.seed,
+        load_format=load_format,
+        architecture=architecture,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_attention_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        hf_config=hf_config,
+        eos_token_ids=_eos_token_ids(hf_config, model_path if is_folder else None),
+    )

@@ -1,0 +1,1 @@
+"""Executors run a SchedulerOutput on one worker or on many."""

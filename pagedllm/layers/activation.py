@@ -1,0 +1,15 @@
+"""Gated activations of MLPs whose gate and up projections are fused into one output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SiluAndMul(nn.Module):
+    """`[..., 2 * d] → [..., d]`: `silu(x[..., :d]) * x[..., d:]` (gate first, then up)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]

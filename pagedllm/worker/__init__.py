@@ -1,0 +1,1 @@
+"""The worker: one device's model, KV cache and step execution (torch lives here and below)."""

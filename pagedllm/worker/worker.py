@@ -1,0 +1,106 @@
+"""Worker: owns one device. Loads the model, sizes and allocates the paged KV cache, runs steps."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedllm.attention.backend import get_attention_impl_cls, kv_cache_shape
+from pagedllm.config import EngineConfig
+from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.utils import cdiv
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_MEMORY = 4 * 1024**3
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Worker:
+    def __init__(self, config: EngineConfig) -> None:
+        from pagedllm.loader import load_model
+
+        self.config = config
+        self.device = torch.device(config.device_config.device)
+        mc = config.model_config
+        torch.manual_seed(mc.seed)
+        self.attn_impl_cls = get_attention_impl_cls(config.attention_backend, self.device.type)
+        self.model = load_model(mc, str(self.device), self.attn_impl_cls)
+        self.model_runner = ModelRunner(config, self.model, self.device)
+        self.num_blocks = 0
+
+    @property
+    def block_bytes(self) -> int:
+        return self.config.cache_config.block_size * self.config.model_config.kv_bytes_per_token()
+
+    def determine_num_blocks(self) -> int:
+        """KV blocks that fit the memory budget; fails if one max_model_len request cannot fit."""
+        cc = self.config.cache_config
+        if cc.num_gpu_blocks_override is not None:
+            num_blocks = cc.num_gpu_blocks_override
+        elif cc.kv_cache_memory is not None or self.device.type == "cpu":
+            budget = cc.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
+            num_blocks = budget // self.block_bytes
+        else:
+            num_blocks = self._profile_gpu_blocks()
+        max_model_len = self.config.model_config.max_model_len
+        needed = cdiv(max_model_len, cc.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks ({num_blocks * cc.block_size} tokens), "
+                f"but one request of max_model_len={max_model_len} needs {needed} blocks: "
+                f"give at least kv_cache_memory={needed * self.block_bytes} bytes "
+                f"({needed * self.block_bytes / 2**30:.2f} GiB), or lower max_model_len"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_gpu_blocks(self) -> int:
+        """(gpu_memory_utilization × total − weights − activation peak) / bytes per block."""
+        from pagedllm.forward_context import set_forward_context
+
+        sc = self.config.scheduler_config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = sc.max_num_batched_tokens
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        with set_forward_context(None):
+            hidden = self.model(ids, torch.arange(n, device=self.device))
+        self.model.compute_logits(hidden[: sc.max_num_seqs]).float().softmax(-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del hidden
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Memory held outside torch's allocator (other processes, CUDA context) also counts.
+        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        budget = self.config.cache_config.gpu_memory_utilization * total - peak - non_torch
+        num_blocks = max(int(budget // self.block_bytes), 0)
+        logger.info(
+            "memory profile: total %.2f GiB, peak %.2f GiB, KV budget %.2f GiB",
+            total / 2**30,
+            peak / 2**30,
+            budget / 2**30,
+        )
+        return num_blocks
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        mc, cc = self.config.model_config, self.config.cache_config
+        shape = kv_cache_shape(num_blocks, cc.block_size, mc.num_kv_heads, mc.head_dim)
+        dtype = TORCH_DTYPES[mc.dtype]
+        # NOTE: zeroed, so padding slots a kernel may touch never hold NaNs.
+        caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.model_runner.bind_kv_caches(caches)
+        self.num_blocks = num_blocks
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
+            num_blocks,
+            cc.block_size,
+            num_blocks * cc.block_size,
+            num_blocks * self.block_bytes / 2**30,
+        )
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output)

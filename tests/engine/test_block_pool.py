@@ -1,0 +1,70 @@
+"""Block pool and KV-cache manager: ref counts, LRU eviction, prefix-cache hits."""
+
+import pytest
+
+from pagedllm.engine.block_hash import extend_block_hashes, hash_block
+from pagedllm.engine.block_pool import BlockPool
+from pagedllm.engine.kv_cache_manager import KVCacheManager
+from pagedllm.engine.request import Request
+from pagedllm.sampling_params import SamplingParams
+
+
+def make_request(req_id: str, tokens: list[int]) -> Request:
+    return Request(req_id, tokens, SamplingParams(max_tokens=8), max_model_len=10_000)
+
+
+def test_chained_hash_depends_on_prefix() -> None:
+    a, b = [], []
+    extend_block_hashes(a, [1, 2, 3, 4, 5, 6, 7, 8], 4)
+    extend_block_hashes(b, [9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert len(a) == 2 and a[0] != b[0]
+    assert a[1] != b[1], "same block content behind a different prefix must hash differently"
+    assert hash_block(None, [1, 2]) == hash_block(None, [1, 2])
+    assert hash_block(None, [1, 2], b"salt") != hash_block(None, [1, 2])
+
+
+def test_pool_lru_and_eviction() -> None:
+    pool = BlockPool(4, enable_caching=True)
+    blocks = pool.get_new_blocks(3)
+    assert [b.ref_cnt for b in blocks] == [1, 1, 1] and pool.num_free_blocks == 1
+    pool.cache_blocks(blocks[:2], [b"h0", b"h1"])
+    pool.free_blocks(reversed(blocks))  # tail first: 2, 1, 0 join the queue in that order
+    assert pool.num_free_blocks == 4
+    assert pool.get_cached_block(b"h0") is blocks[0]
+    # The never-used block 3 goes first, then 2 (no hash), then 1 (evicting h1), h0 survives.
+    taken = pool.get_new_blocks(3)
+    assert [b.block_id for b in taken] == [3, 2, 1]
+    assert pool.get_cached_block(b"h1") is None
+    assert pool.get_cached_block(b"h0") is blocks[0]
+    with pytest.raises(RuntimeError):
+        pool.free_blocks([blocks[0]])  # ref count is already 0
+
+
+def test_prefix_hit_and_allocation_failure() -> None:
+    mgr = KVCacheManager(num_blocks=6, block_size=4, enable_caching=True)
+    prompt = list(range(10))  # 2 full blocks + 2 tokens
+    r1 = make_request("a", prompt)
+    assert mgr.allocate_slots(r1, 10) is not None
+    assert mgr.get_block_ids("a") and len(mgr.get_block_ids("a")) == 3
+    r2 = make_request("b", prompt + [99])
+    hits, n = mgr.get_computed_blocks(r2)
+    assert n == 8 and [b.block_id for b in hits] == mgr.get_block_ids("a")[:2]
+    assert mgr.allocate_slots(r2, 3, hits, n) is not None
+    assert [b.ref_cnt for b in hits] == [2, 2]
+    # Asking for more than the pool has fails without side effects.
+    r3 = make_request("c", list(range(100, 130)))
+    before = mgr.pool.num_free_blocks
+    assert mgr.allocate_slots(r3, 30) is None
+    assert mgr.pool.num_free_blocks == before and "c" not in mgr.req_to_blocks
+    mgr.free(r1)
+    mgr.free(r2)
+    assert mgr.pool.num_free_blocks == 6
+
+
+def test_full_prompt_hit_leaves_last_token() -> None:
+    mgr = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True)
+    r1 = make_request("a", list(range(8)))
+    mgr.allocate_slots(r1, 8)
+    r2 = make_request("b", list(range(8)))
+    _, n = mgr.get_computed_blocks(r2)
+    assert n == 4, "the last token is always recomputed, so only the first block may hit"
