@@ -53,6 +53,63 @@ class LLM:
             raise
         return self._run_engine(request_ids, use_tqdm)
 
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates replies to one conversation (a list of messages) or to a list of them,
+        each rendered through the model's chat template (or `chat_template`)."""
+        conversations = _as_conversations(messages)
+        prompts: list[PromptType] = [
+            self.render_chat(
+                conversation,
+                chat_template,
+                add_generation_prompt,
+                continue_final_message,
+                chat_template_kwargs,
+            )
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def render_chat(
+        self,
+        conversation: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One conversation → `{"prompt": text, "prompt_token_ids": ids}` via the chat template.
+
+        NOTE: the template writes any BOS itself, so the text is tokenized without special tokens.
+        """
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this engine has none")
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the model has no chat template: pass chat_template=")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each other")
+        text = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **(chat_template_kwargs or {}),
+        )
+        return {
+            "prompt": text,
+            "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
+        }
+
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
@@ -81,3 +138,15 @@ def _as_prompt_list(prompts: Any) -> list[PromptType]:
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of messages or of conversations")
+    if all(isinstance(m, dict) for m in messages):
+        return [list(messages)]
+    if all(isinstance(c, (list, tuple)) and all(isinstance(m, dict) for m in c) for c in messages):
+        return [list(c) for c in messages]
+    raise ValueError(
+        "messages must be a list of {'role', 'content'} dicts, or a list of such lists"
+    )

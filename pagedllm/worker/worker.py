@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import torch
 
 from pagedllm.attention.backend import get_attention_impl_cls, kv_cache_shape
@@ -91,7 +93,7 @@ class Worker:
         shape = kv_cache_shape(num_blocks, cc.block_size, mc.num_kv_heads, mc.head_dim)
         dtype = TORCH_DTYPES[mc.dtype]
         # NOTE: zeroed, so padding slots a kernel may touch never hold NaNs.
-        caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(mc.num_layers)]
+        caches = [_zeros(shape, dtype, self.device) for _ in range(mc.num_layers)]
         self.model_runner.bind_kv_caches(caches)
         self.num_blocks = num_blocks
         logger.info(
@@ -104,3 +106,12 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On the CPU it comes from calloc'd memory (numpy), whose pages the OS
+    zero-fills on first touch: a multi-GiB KV cache costs nothing until it is used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
