@@ -81,6 +81,7 @@ class AttentionImpl(ABC):
 
 _BACKENDS: dict[str, str] = {
     "torch": "pagedllm.attention.torch_ref:TorchRefAttention",
+    "triton": "pagedllm.attention.triton.backend:TritonAttention",
 }
 
 

@@ -1,0 +1,554 @@
+"""Triton kernels of the paged attention backend and their thin launch wrappers.
+
+Owns:
+- `reshape_and_cache`: this step's K/V into the paged cache at `slot_mapping`.
+- `paged_attention`: causal (optionally sliding-window) GQA attention of a flat varlen batch over
+  the paged cache, FlashAttention-style (online softmax in fp32, exp2 domain). One kernel body,
+  launched as
+  * the *decode* launch: one program per (request, KV head[, KV split]) for the requests of at
+    most `BLOCK_Q = BLOCK_M // G` query rows; the `G` query heads of a KV head are rows of one
+    tile, so each K/V tile is read once per KV head. With `num_splits > 1` (flash-decoding)
+    each program covers a slice of its request's KV range and writes fp32 partials that
+    `_reduce_splits_kernel` combines;
+  * the *varlen* launch: one program per (`BLOCK_Q` query tokens of one request, KV head) for
+    the requests of more query rows (prompts and prompt chunks).
+- The tile sizes (`TileConfig`) and the host heuristics that choose them and the split count.
+
+Tensors: query/output `[T, H, D]`; K and V caches `[num_blocks, block_size, Hkv, D]` (views of
+the `[2, ...]` cache); block table `[num_reqs, width]`, seq lens and query start locs int32.
+Row `r` of a program's tile is query token `r // G` of its block and head `kv_head * G + r % G`.
+
+NOTE: grid sizes come from host ints only (`num_reqs`, `num_actual_tokens`); nothing here
+reads a device tensor on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.attention.backend import AttentionMetadata
+
+_LOG2E = math.log2(math.e)
+# NOTE: the running max starts finite so that a row whose keys are all masked so far keeps
+# exp2(-inf - m) = 0 and alpha = 1 instead of NaN.
+_M_INIT = tl.constexpr(-1.0e30)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache write
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr,
+    value_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_mapping_ptr,
+    num_rows,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per `BLOCK_R` (token, KV head) rows: K and V rows into slot `slot_mapping[t]`."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    token = row // NUM_KV_HEADS
+    head = row % NUM_KV_HEADS
+    slot = tl.load(slot_mapping_ptr + token, mask=row < num_rows, other=-1).to(tl.int64)
+    # NOTE: a negative slot marks a padding token (vLLM's convention; the contract has none).
+    mask = ((row < num_rows) & (slot >= 0))[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)[None, :]
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch
+    dst = dst[:, None] + offs_d
+    k = tl.load(key_ptr + (token * stride_kt + head * stride_kh)[:, None] + offs_d, mask=mask)
+    tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(value_ptr + (token * stride_vt + head * stride_vh)[:, None] + offs_d, mask=mask)
+    tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [>= num_tokens, Hkv, D]
+    value: torch.Tensor,  # [>= num_tokens, Hkv, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # int64 [num_tokens]
+    num_tokens: int,
+) -> None:
+    """Stores the first `num_tokens` rows of `key`/`value` at their slots (cast to the cache's
+    dtype)."""
+    if num_tokens == 0:
+        return
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    assert key_cache.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
+    num_rows = num_tokens * num_kv_heads
+    block_r = max(1, 2048 // head_dim)
+    _reshape_and_cache_kernel[(triton.cdiv(num_rows, block_r),)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        num_rows,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_R=block_r,
+        BLOCK_SIZE=block_size,
+        num_warps=4,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Paged attention
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr):
+    """The request owning varlen program `q_block`: request i's first block is
+    `query_start_loc[i] // BLOCK_Q + i` (monotone; a request needs at most
+    `query_len // BLOCK_Q + 1` blocks, so the ranges never overlap)."""
+    lo: tl.int32 = 0
+    hi = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    kv_head_offset,
+    start,
+    kv_hi,
+    q_pos,
+    window,
+    qk_scale,
+    stride_cb,
+    stride_cs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over KV positions `start : start + BLOCK_N`, read through the
+    block table. Without `APPLY_MASK` every position must be `< kv_hi` and visible to every row."""
+    pos = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if APPLY_MASK:
+        in_range = pos < kv_hi
+        block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=in_range, other=0)
+    else:
+        block = tl.load(block_table_ptr + pos // BLOCK_SIZE)
+    slot = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_offset
+    k_ptrs = k_cache_ptr + slot[None, :] + offs_d[:, None]  # [D, BLOCK_N]
+    v_ptrs = v_cache_ptr + slot[:, None] + offs_d[None, :]  # [BLOCK_N, D]
+    if APPLY_MASK:  # noqa: SIM108
+        k = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if APPLY_MASK:
+        visible = pos[None, :] <= q_pos[:, None]
+        if USE_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if APPLY_MASK:  # noqa: SIM108
+        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    part_acc_ptr,  # fp32 [T, H, num_splits, D] (SPLIT only)
+    part_m_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
+    part_l_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
+    num_reqs,
+    min_query_len,
+    num_heads,
+    num_splits,
+    qk_scale,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    NUM_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_DECODE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # NOTE: grid (KV head, request or q block, split): the KV heads of one q block run side by
+    # side, and varlen q blocks go last to first, so the longest (causal) ones start first.
+    kv_head = tl.program_id(0)
+    if IS_DECODE:
+        req = tl.program_id(1)
+        q_block = 0
+    else:
+        pid = tl.num_programs(1) - 1 - tl.program_id(1)
+        req = _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_Q)
+        q_block = pid - (tl.load(query_start_loc_ptr + req) // BLOCK_Q + req)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if IS_DECODE:
+        if q_len > BLOCK_Q:  # the varlen launch's
+            return
+    elif (q_len < min_query_len) | (q_block * BLOCK_Q >= q_len):
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + offs_m // NUM_GROUP  # query row within the request
+    row_valid = (offs_m < BLOCK_Q * NUM_GROUP) & (tok < q_len)
+    q_pos = ctx_len + tok
+    head = kv_head * NUM_GROUP + offs_m % NUM_GROUP
+    rows = (q_start + tok).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+
+    # KV positions [kv_lo, kv_hi) cover every valid row; tiles start at kv_lo + k * BLOCK_N.
+    first_q = ctx_len + q_block * BLOCK_Q
+    last_q = ctx_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len) - 1
+    kv_hi = last_q + 1
+    kv_lo = 0
+    full_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = kv_lo + tl.cdiv(tl.maximum(last_q - window + 1 - kv_lo, 0), BLOCK_N) * BLOCK_N
+    # NOTE: tiles in [full_lo, full_hi) are visible to every valid row and need no mask.
+    full_hi = tl.maximum(kv_lo + (first_q + 1 - kv_lo) // BLOCK_N * BLOCK_N, full_lo)
+    tile_lo = kv_lo
+    tile_hi = kv_hi
+    if SPLIT:
+        per_split = tl.cdiv(tl.cdiv(kv_hi - kv_lo, BLOCK_N), num_splits) * BLOCK_N
+        tile_lo = kv_lo + tl.program_id(2) * per_split
+        tile_hi = tl.minimum(kv_hi, tile_lo + per_split)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    bt_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
+    kv_off = kv_head * stride_ch
+    for start in range(tile_lo, tl.minimum(full_lo, tile_hi), BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
+            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+            True, USE_WINDOW, DOT_PRECISION,
+        )  # fmt: skip
+    for start in range(tl.maximum(tile_lo, full_lo), tl.minimum(full_hi, tile_hi), BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
+            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+            False, USE_WINDOW, DOT_PRECISION,
+        )  # fmt: skip
+    for start in range(tl.maximum(tile_lo, full_hi), tile_hi, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
+            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+            True, USE_WINDOW, DOT_PRECISION,
+        )  # fmt: skip
+
+    if SPLIT:
+        part = (rows * num_heads + head) * num_splits + tl.program_id(2)
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        acc_ptrs = part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(acc_ptrs, acc, mask=row_valid[:, None])
+    else:
+        # NOTE: every valid row sees at least its own position, so l_i > 0 there.
+        out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(
+            out_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None]
+        )
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    num_heads,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+):
+    """One program per (token, head): the softmax-weighted sum of the splits' partials."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    base = (row * num_heads + head) * num_splits
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < num_splits
+    m = tl.load(part_m_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + base + offs_s, mask=s_mask, other=0.0)
+    weight = tl.exp2(m - tl.max(m, 0))  # empty splits: exp2(-1e30 - max) = 0
+    acc_ptrs = part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
+    acc = tl.load(acc_ptrs, mask=s_mask[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
+    out_ptrs = out_ptr + row * stride_ot + head * stride_oh + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: tile sizes, split heuristic, launches
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch's tile sizes: `block_m` tile rows (query tokens x heads of one KV head),
+    `block_n` KV positions per step."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# NOTE: at least 4 tiles per split and at most 64 splits; fewer programs than ~2 waves of the
+# SMs trigger splitting.
+_MIN_TILES_PER_SPLIT = 4
+_MAX_SPLITS = 64
+
+
+def decode_config(num_group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    block_m = max(16, triton.next_power_of_2(num_group))
+    block_n = 64 if head_dim <= 128 and dtype != torch.float32 else 32
+    return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
+
+
+def varlen_config(num_group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    if dtype == torch.float32:
+        block_m, block_n = 64, 32
+    elif head_dim <= 128:
+        block_m, block_n = 64, 64
+    else:
+        block_m, block_n = 64, 32
+    block_m = max(block_m, triton.next_power_of_2(num_group))
+    num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
+    return TileConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=2)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def choose_num_splits(
+    num_reqs: int, num_kv_heads: int, max_kv_len: int, block_n: int, num_sms: int
+) -> int:
+    """KV splits per (request, KV head) of a decode launch: enough programs for ~2 waves."""
+    programs = num_reqs * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    splits = min(
+        triton.cdiv(2 * num_sms, programs),
+        triton.cdiv(max_kv_len, block_n) // _MIN_TILES_PER_SPLIT,
+        _MAX_SPLITS,
+    )
+    return max(1, splits)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def paged_attention(
+    query: torch.Tensor,  # [>= T, H, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    metadata: AttentionMetadata,
+    output: torch.Tensor,  # [>= T, H, D]; rows < T are written
+    scale: float,
+    sliding_window: int | None,
+    num_splits: int | None = None,
+    use_decode_launch: bool = True,
+    decode_tiles: TileConfig | None = None,
+    varlen_tiles: TileConfig | None = None,
+) -> None:
+    """Attention of the batch's first `num_actual_tokens` query rows over the paged cache.
+
+    `num_splits`: KV splits of a pure-decode batch (None: `choose_num_splits`; 1: off).
+    `use_decode_launch=False` sends every request through the varlen launch (tests).
+    """
+    num_tokens, num_reqs = metadata.num_actual_tokens, metadata.num_reqs
+    if num_tokens == 0 or num_reqs == 0:
+        return
+    _, _, _, num_kv_heads, head_dim = kv_cache.shape
+    num_heads = query.shape[1]
+    group = num_heads // num_kv_heads
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    query = _last_dim_contiguous(query)
+    assert output.stride(-1) == 1
+    dec = decode_tiles or decode_config(group, head_dim, query.dtype)
+    var = varlen_tiles or varlen_config(group, head_dim, query.dtype)
+    dec_q = dec.block_m // group if use_decode_launch else 0
+    common = _LaunchArgs(query, kv_cache, metadata, output, scale, sliding_window)
+    if metadata.max_query_len <= dec_q:
+        max_kv_len = metadata.max_seq_len
+        if sliding_window is not None:
+            max_kv_len = min(max_kv_len, sliding_window + dec_q + dec.block_n)
+        if num_splits is None:
+            num_splits = choose_num_splits(
+                num_reqs, num_kv_heads, max_kv_len, dec.block_n, _num_sms(query.device)
+            )
+        _launch(common, dec, (num_kv_heads, num_reqs, num_splits), True, 0, num_splits)
+        return
+    if dec_q > 0:
+        _launch(common, dec, (num_kv_heads, num_reqs, 1), True, 0, 1)
+    block_q = var.block_m // group
+    grid = (num_kv_heads, num_tokens // block_q + num_reqs, 1)
+    _launch(common, var, grid, False, dec_q + 1, 1)
+
+
+@dataclass
+class _LaunchArgs:
+    query: torch.Tensor
+    kv_cache: torch.Tensor
+    metadata: AttentionMetadata
+    output: torch.Tensor
+    scale: float
+    sliding_window: int | None
+
+
+def _launch(
+    a: _LaunchArgs,
+    tiles: TileConfig,
+    grid: tuple[int, int, int],
+    is_decode: bool,
+    min_query_len: int,
+    num_splits: int,
+) -> None:
+    md, query, output = a.metadata, a.query, a.output
+    key_cache, value_cache = a.kv_cache[0], a.kv_cache[1]
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    num_heads = query.shape[1]
+    group = num_heads // num_kv_heads
+    split = num_splits > 1
+    if split:
+        num_tokens = md.num_actual_tokens
+        f32 = dict(dtype=torch.float32, device=query.device)
+        part_acc = torch.empty(num_tokens, num_heads, num_splits, head_dim, **f32)
+        part_m = torch.empty(num_tokens, num_heads, num_splits, **f32)
+        part_l = torch.empty(num_tokens, num_heads, num_splits, **f32)
+    else:
+        part_acc = part_m = part_l = output  # unused
+    _paged_attention_kernel[grid](
+        output,
+        query,
+        key_cache,
+        value_cache,
+        md.block_table,
+        md.seq_lens,
+        md.query_start_loc,
+        part_acc,
+        part_m,
+        part_l,
+        md.num_reqs,
+        min_query_len,
+        num_heads,
+        num_splits,
+        a.scale * _LOG2E,
+        a.sliding_window or 0,
+        query.stride(0),
+        query.stride(1),
+        output.stride(0),
+        output.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        md.block_table.stride(0),
+        NUM_GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=tiles.block_m,
+        BLOCK_Q=tiles.block_m // group,
+        BLOCK_N=tiles.block_n,
+        IS_DECODE=is_decode,
+        SPLIT=split,
+        USE_WINDOW=a.sliding_window is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    if split:
+        _reduce_splits_kernel[(md.num_actual_tokens, num_heads)](
+            output,
+            part_acc,
+            part_m,
+            part_l,
+            num_heads,
+            num_splits,
+            output.stride(0),
+            output.stride(1),
+            HEAD_DIM=head_dim,
+            SPLITS_P=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
