@@ -14,16 +14,26 @@ _LAZY = {
     "SamplingParams": "pagedllm.sampling_params",
     "RequestOutput": "pagedllm.outputs",
     "CompletionOutput": "pagedllm.outputs",
+    "Logprob": "pagedllm.outputs",
+    "RequestOutputKind": "pagedllm.sampling_params",
     "EngineArgs": "pagedllm.engine_args",
 }
 
-__all__ = ["LLM", "CompletionOutput", "EngineArgs", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "Logprob",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+]
 
 if TYPE_CHECKING:
     from pagedllm.engine_args import EngineArgs
     from pagedllm.llm import LLM
-    from pagedllm.outputs import CompletionOutput, RequestOutput
-    from pagedllm.sampling_params import SamplingParams
+    from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+    from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.processor import PromptType
 from pagedllm.engine_args import EngineArgs
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -47,7 +47,9 @@ class LLM:
         request_ids = [str(next(self._counter)) for _ in prompt_list]
         try:
             for req_id, prompt, params in zip(request_ids, prompt_list, params_list):
-                self.llm_engine.add_request(req_id, prompt, params)
+                self.llm_engine.add_request(
+                    req_id, prompt, params, output_kind=RequestOutputKind.FINAL_ONLY
+                )
         except Exception:
             self.llm_engine.abort_request(request_ids)
             raise

@@ -67,5 +67,7 @@ def test_engine_args_errors(tiny_model_dirs, tmp_path) -> None:
 
 def test_kv_cache_too_small_for_one_request_fails_at_start_with_the_size(tiny_model_dirs) -> None:
     # 2 layers x 2 kv heads x 16 dims x 4 bytes x (K, V) = 512 bytes a token; 1000 tokens = 500 KB.
-    with pytest.raises(ValueError, match=r"max_model_len=1000 needs 63 blocks.*kv_cache_memory=516096"):
+    with pytest.raises(
+        ValueError, match=r"max_model_len=1000 needs 63 blocks.*kv_cache_memory=516096"
+    ):
         LLM(tiny_model_dirs["llama"], dtype="float32", max_model_len=1000, kv_cache_memory=100_000)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.request import Request
+from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
@@ -33,6 +33,11 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Ends requests from outside the step (a stop string seen by the output processor):
+        no further tokens are computed for them."""
+        self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

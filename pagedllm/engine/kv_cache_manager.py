@@ -29,8 +29,10 @@ class KVCacheManager:
         """The longest cached prefix of the request, as blocks and a token count.
 
         NOTE: at least the last token is always left to compute: its logits are needed to sample.
+        Requests asking for prompt logprobs skip the lookup (as vLLM's): cached positions would
+        give no logits. Their own blocks are still published for others.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         self._update_hashes(request)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size

@@ -1,4 +1,12 @@
-"""LLMEngine: the synchronous engine behind `LLM`: input processing, EngineCore, output processing."""
+"""LLMEngine: the synchronous engine behind `LLM`: input processing, EngineCore, output processing.
+
+A request with n > 1 is fanned out into n child requests ("{i}_{request_id}", as vLLM V1), each
+sampling one continuation; the output processor gathers them back into one `RequestOutput`. With
+prefix caching on, the children share the prompt's full KV blocks: the first child publishes them
+when they are allocated, so the others (even those admitted in the same step) hit them and compute
+only the prompt's last partial block. With prefix caching off, each child computes the whole prompt
+(vLLM does the same). Seeded children get seeds seed, seed + 1, ..., so their samples differ.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,12 @@ from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore, Executor
-from pagedllm.engine.output_processor import OutputProcessor, RequestOutputKind, RequestState
+from pagedllm.engine.output_processor import OutputProcessor, ParentRequest, RequestState
 from pagedllm.engine.processor import Processor, PromptType
+from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.stats import PrefixCacheStats, SchedulerStats
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -52,30 +61,71 @@ class LLMEngine:
         request_id: str,
         prompt: PromptType,
         params: SamplingParams,
-        output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
+        output_kind: RequestOutputKind | None = None,
     ) -> None:
-        """Validates and queues one request; bad input raises ValueError and changes nothing."""
-        text, request = self.processor.process(request_id, prompt, params)
-        if request_id in self.output_processor.states:
+        """Validates and queues one request; bad input raises ValueError and changes nothing.
+        Which outputs `step` reports for it: `output_kind` if given (the caller's params are left
+        unchanged), else `params.output_kind`."""
+        if (
+            request_id in self.output_processor.states
+            or request_id in self.output_processor.parents
+        ):
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        self.engine_core.add_request(request)
-        self.output_processor.add_request(
-            RequestState(
-                request_id=request_id,
-                prompt=text,
-                prompt_token_ids=request.prompt_token_ids,
-                params=params,
-                output_kind=output_kind,
+        if output_kind is not None and output_kind != params.output_kind:
+            params = params.clone()
+            params.output_kind = output_kind
+        if params.n == 1:
+            text, request = self.processor.process(request_id, prompt, params)
+            self.engine_core.add_request(request)
+            self.output_processor.add_request(
+                RequestState(request_id, text, request.prompt_token_ids, request.sampling_params)
             )
+            return
+        children: list[tuple[str | None, Request]] = []
+        for index in range(params.n):
+            child_params = params.clone()
+            child_params.n = 1
+            if params.seed is not None:
+                child_params.seed = params.seed + index
+            if index > 0:
+                # NOTE: only the first child computes prompt logprobs (and so skips the cache).
+                child_params.prompt_logprobs = None
+            if children:  # the prompt is tokenized once
+                text, first = children[0]
+                prompt = {"prompt": text, "prompt_token_ids": first.prompt_token_ids}
+            children.append(self.processor.process(f"{index}_{request_id}", prompt, child_params))
+        text, first = children[0]
+        parent = ParentRequest(
+            request_id,
+            text,
+            first.prompt_token_ids,
+            params.output_kind,
+            [r.request_id for _, r in children],
         )
+        for index, (_, request) in enumerate(children):
+            self.engine_core.add_request(request)
+            self.output_processor.add_request(
+                RequestState(
+                    request.request_id,
+                    text,
+                    request.prompt_token_ids,
+                    request.sampling_params,
+                    parent=parent,
+                    index=index,
+                )
+            )
 
     def abort_request(self, request_ids: list[str]) -> None:
-        self.engine_core.abort_requests(request_ids)
+        core_ids = [c for r in request_ids for c in self.output_processor.child_ids(r)]
+        self.engine_core.abort_requests(core_ids)
         self.output_processor.abort_requests(request_ids)
 
     def step(self) -> list[RequestOutput]:
-        outputs = self.engine_core.step()
-        return self.output_processor.process_outputs(outputs)
+        """Runs one engine step; returns the outputs it produced (per each request's output_kind)."""
+        processed = self.output_processor.process_outputs(self.engine_core.step())
+        if processed.reqs_to_stop:
+            self.engine_core.finish_requests(processed.reqs_to_stop, RequestStatus.FINISHED_STOPPED)
+        return processed.request_outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.engine_core.has_unfinished_requests()

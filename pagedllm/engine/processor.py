@@ -60,6 +60,10 @@ class Processor:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         params.verify_for_engine(self.vocab_size, self.config.max_logprobs)
+        if (params.stop or params.bad_words) and self.tokenizer is None:
+            raise ValueError("stop strings and bad_words need a tokenizer; this engine has none")
+        if params.bad_words:
+            params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -76,3 +80,19 @@ class Processor:
             max_model_len=self.max_model_len,
         )
         return text, request
+
+    def _bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
+        """Each bad word's token ids, alone and after a space (vLLM's rule: the spaced form
+        counts when it tokenizes to as many tokens and starts differently)."""
+        assert self.tokenizer is not None
+        result: list[list[int]] = []
+        for word in bad_words:
+            plain = list(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            result.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                result.append(spaced)
+        for ids in result:
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"bad_words tokenize to ids outside the vocabulary: {ids}")
+        return result

@@ -21,6 +21,7 @@ from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.request import FinishReason, Request, RequestStatus
 from pagedllm.engine.scheduler_output import (
     CachedRequestData,
+    Logprobs,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
@@ -29,11 +30,13 @@ from pagedllm.engine.stats import SchedulerStats
 
 
 class EngineCoreOutput:
-    """One request's news from one step: the tokens it gained, and whether it ended."""
+    """One request's news from one step: the tokens it gained (with their logprobs, if asked),
+    prompt logprobs computed this step (if asked), and whether it ended."""
 
     __slots__ = (
         "finish_reason",
         "new_logprobs",
+        "new_prompt_logprobs",
         "new_token_ids",
         "num_cached_tokens",
         "request_id",
@@ -46,8 +49,9 @@ class EngineCoreOutput:
         new_token_ids: list[int],
         finish_reason: FinishReason | None = None,
         stop_reason: int | str | None = None,
-        new_logprobs: list[float] | None = None,
+        new_logprobs: Logprobs | None = None,
         num_cached_tokens: int = 0,
+        new_prompt_logprobs: Logprobs | None = None,
     ) -> None:
         self.request_id = request_id
         self.num_cached_tokens = num_cached_tokens
@@ -55,6 +59,7 @@ class EngineCoreOutput:
         self.finish_reason = finish_reason
         self.stop_reason = stop_reason
         self.new_logprobs = new_logprobs
+        self.new_prompt_logprobs = new_prompt_logprobs
 
     @property
     def finished(self) -> bool:
@@ -218,20 +223,26 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Appends the sampled tokens, ends requests that hit a stop condition, frees them."""
         outputs: list[EngineCoreOutput] = []
-        logprobs = runner_output.sampled_logprobs
+        logprobs = runner_output.logprobs
+        prompt_logprobs = runner_output.prompt_logprobs
         for idx, (req_id, token_ids) in enumerate(
             zip(runner_output.req_ids, runner_output.sampled_token_ids)
         ):
             request = self.requests.get(req_id)
-            if request is None or request.is_finished or not token_ids:
-                continue  # aborted during the step, or a prompt chunk that sampled nothing
+            if request is None or request.is_finished:
+                continue  # aborted during the step
+            new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None
+            if not token_ids and new_prompt_logprobs is None:
+                continue  # a prompt chunk that sampled nothing
             new_ids: list[int] = []
             for token_id in token_ids:
                 request.append_output_token_ids([token_id])
                 new_ids.append(token_id)
                 if request.check_stop():
                     break
-            new_logprobs = logprobs[idx][: len(new_ids)] if logprobs is not None else None
+            new_logprobs = logprobs[idx] if logprobs is not None else None
+            if new_logprobs is not None and len(new_ids) < len(token_ids):
+                new_logprobs = _head(new_logprobs, len(new_ids))
             if request.is_finished:
                 self.running.remove(request)
                 self._free(request)
@@ -243,6 +254,7 @@ class Scheduler:
                     request.stop_reason,
                     new_logprobs,
                     max(request.num_cached_tokens, 0),
+                    new_prompt_logprobs,
                 )
             )
             self.stats.num_generation_tokens += len(new_ids)
@@ -254,3 +266,8 @@ class Scheduler:
         self.stats.num_waiting_reqs = len(self.waiting)
         self.stats.kv_cache_usage = self.kv_cache_manager.usage
         return self.stats
+
+
+def _head(logprobs: Logprobs, n: int) -> Logprobs:
+    """The first `n` rows (the tokens kept when a stop condition cut a multi-token step)."""
+    return Logprobs(logprobs.token_ids[:n], logprobs.logprobs[:n], logprobs.ranks[:n])

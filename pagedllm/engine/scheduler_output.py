@@ -49,11 +49,17 @@ class SchedulerOutput:
 
 @dataclass
 class Logprobs:
-    """Per sampled token: the token's logprob, its rank, and the top-N ids and logprobs."""
+    """Logprobs of consecutive positions of one request, under the model's raw distribution.
 
-    token_ids: list[list[int]]  # [num_tokens][1 + N]: sampled id first, then the top-N
+    Row i: the chosen token first (the sampled one, or for a prompt the actual next prompt
+    token), then the request's top-N; `ranks[i]` is the chosen token's rank (1 = most likely).
+    For prompt logprobs, row i belongs to prompt token `start + i` (the first one has none).
+    """
+
+    token_ids: list[list[int]]  # [num_positions][1 + N]
     logprobs: list[list[float]]  # same shape
-    ranks: list[int]  # rank of the sampled token (1 = most likely)
+    ranks: list[int]  # [num_positions]
+    start: int = 0
 
 
 @dataclass
@@ -66,7 +72,8 @@ class ModelRunnerOutput:
 
     req_ids: list[str]
     sampled_token_ids: list[list[int]]
-    # Logprob of each sampled token under the model's raw distribution (one per sampled token).
-    sampled_logprobs: list[list[float]] | None = None
-    logprobs: dict[str, Logprobs] | None = None
-    prompt_logprobs: dict[str, Logprobs] | None = None
+    # `logprobs[i]`: one row per sampled token of `req_ids[i]`, or None where the request did not
+    # ask for logprobs (the whole list is None when no request did).
+    logprobs: list[Logprobs | None] | None = None
+    # Prompt logprobs computed this step, for the requests that asked (one row per prompt token).
+    prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)

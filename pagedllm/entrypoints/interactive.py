@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pagedllm.engine_args import EngineArgs
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -58,8 +58,6 @@ _ids = itertools.count()
 
 def stream_text(llm: Any, prompt: Any, params: SamplingParams) -> Iterator[str]:
     """The request's text as it is generated, piece by piece."""
-    from pagedllm.engine.output_processor import RequestOutputKind
-
     engine = llm.llm_engine
     request_id = f"cli-{next(_ids)}"
     engine.add_request(request_id, prompt, params, output_kind=RequestOutputKind.DELTA)

@@ -1,26 +1,158 @@
 """Persistent per-request state of the worker, held in preallocated host arrays.
 
-Each live request owns a row: its token ids, its block table, and its sampling parameters. A step
-gathers its inputs from these rows with vectorized numpy indexing instead of per-token Python.
+Each live request owns a row: its token ids (prompt then output), its block table, and its
+sampling parameters as columns of per-row arrays. A step gathers its model inputs and its
+`SamplingMetadata` from these rows with vectorized numpy indexing instead of per-request Python.
+Per-row token lists (allowed ids, logit bias, stop ids for min_tokens, bad words) are kept as
+flat tables of (row, token) entries, rebuilt only when a request that uses them comes or goes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.sampler import (
+    MAX_TOP_K_CANDIDATES,
+    Penalties,
+    SamplingMetadata,
+    TokenPairs,
+)
+
+
+class RowTokenTable:
+    """Per-row token-id lists (with optional float values), flattened for vectorized lookup."""
+
+    def __init__(self) -> None:
+        self._lists: dict[int, tuple[list[int], list[float]]] = {}
+        self._rows = np.zeros(0, np.int64)
+        self._ids = np.zeros(0, np.int64)
+        self._values = np.zeros(0, np.float32)
+        self._dirty = False
+
+    def __bool__(self) -> bool:
+        return bool(self._lists)
+
+    def set(self, row: int, ids: list[int], values: list[float] | None = None) -> None:
+        self._lists.pop(row, None)
+        if ids:
+            self._lists[row] = (list(ids), list(values) if values is not None else [])
+        self._dirty = True
+
+    def remove(self, row: int) -> None:
+        if self._lists.pop(row, None) is not None:
+            self._dirty = True
+
+    def has_rows(self) -> np.ndarray:
+        return np.fromiter(self._lists, np.int64, len(self._lists))
+
+    def select(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of the rows with `pos[row] >= 0`, as (pos[row], token id, value)."""
+        if self._dirty:
+            self._rebuild()
+        sel = pos[self._rows]
+        keep = sel >= 0
+        return sel[keep], self._ids[keep], self._values[keep] if self._values.size else self._values
+
+    def _rebuild(self) -> None:
+        items = list(self._lists.items())
+        lens = [len(ids) for _, (ids, _) in items]
+        self._rows = np.repeat(np.array([r for r, _ in items], np.int64), lens)
+        self._ids = np.array([t for _, (ids, _) in items for t in ids], np.int64)
+        values = [v for _, (_, vals) in items for v in vals]
+        self._values = np.array(values, np.float32)
+        self._dirty = False
+
+
+class BadWordsTable:
+    """Every live row's bad words, flattened: a bad word bans its last token when the row's
+    latest output tokens equal the word's other tokens (vLLM's rule)."""
+
+    def __init__(self) -> None:
+        self._words: dict[int, list[list[int]]] = {}
+        self._dirty = False
+        self._rows = np.zeros(0, np.int64)
+        self._prefix = np.zeros((0, 0), np.int64)  # right-aligned, padded with -1
+        self._prefix_len = np.zeros(0, np.int64)
+        self._last = np.zeros(0, np.int64)
+
+    def __bool__(self) -> bool:
+        return bool(self._words)
+
+    def set(self, row: int, words: list[list[int]]) -> None:
+        self._words.pop(row, None)
+        if words:
+            self._words[row] = [list(w) for w in words]
+        self._dirty = True
+
+    def remove(self, row: int) -> None:
+        if self._words.pop(row, None) is not None:
+            self._dirty = True
+
+    def _rebuild(self) -> None:
+        entries = [(row, w) for row, words in self._words.items() for w in words]
+        width = max((len(w) - 1 for _, w in entries), default=0)
+        self._rows = np.array([r for r, _ in entries], np.int64)
+        self._prefix = np.full((len(entries), width), -1, np.int64)
+        for i, (_, w) in enumerate(entries):
+            if len(w) > 1:
+                self._prefix[i, width - len(w) + 1 :] = w[:-1]
+        self._prefix_len = np.array([len(w) - 1 for _, w in entries], np.int64)
+        self._last = np.array([w[-1] for _, w in entries], np.int64)
+        self._dirty = False
+
+    def banned(
+        self, pos: np.ndarray, token_ids: np.ndarray, num_tokens: np.ndarray, num_prompt: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(pos[row], token id) of each bad word whose prefix ends the row's output tokens."""
+        if self._dirty:
+            self._rebuild()
+        sel = pos[self._rows] >= 0
+        rows, prefix, plen = self._rows[sel], self._prefix[sel], self._prefix_len[sel]
+        width = prefix.shape[1]
+        match = (num_tokens[rows] - num_prompt[rows]) >= plen
+        if width:
+            cols = num_tokens[rows][:, None] - width + np.arange(width)
+            toks = token_ids[rows[:, None], np.maximum(cols, 0)]
+            needed = np.arange(width)[None, :] >= width - plen[:, None]
+            match &= ((toks == prefix) | ~needed).all(axis=1)
+        return pos[rows[match]], self._last[sel][match]
 
 
 class InputBatch:
-    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+    def __init__(
+        self,
+        max_num_reqs: int,
+        max_model_len: int,
+        max_blocks_per_req: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
         self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
+        # Sampling parameters, one column each; off values: top_k 0, top_p 1, min_p 0, no penalty.
         self.temperature = np.zeros(max_num_reqs, dtype=np.float32)
-        self.sampling_params: list[SamplingParams | None] = [None] * max_num_reqs
+        self.top_k = np.zeros(max_num_reqs, dtype=np.int64)
+        self.top_p = np.ones(max_num_reqs, dtype=np.float32)
+        self.min_p = np.zeros(max_num_reqs, dtype=np.float32)
+        self.presence_penalty = np.zeros(max_num_reqs, dtype=np.float32)
+        self.frequency_penalty = np.zeros(max_num_reqs, dtype=np.float32)
+        self.repetition_penalty = np.ones(max_num_reqs, dtype=np.float32)
+        self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_logprobs = np.full(max_num_reqs, -1, dtype=np.int64)  # -1: none asked
+        self.num_prompt_logprobs = np.full(max_num_reqs, -1, dtype=np.int64)
+        self.generators: dict[int, torch.Generator] = {}  # row → generator of a seeded request
+        self.seeded = np.zeros(max_num_reqs, dtype=bool)
+        self.allowed_token_ids = RowTokenTable()
+        self.logit_bias = RowTokenTable()
+        self.min_tokens_stop_ids = RowTokenTable()
+        self.bad_words = BadWordsTable()
         self.req_to_row: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
 
@@ -30,27 +162,62 @@ class InputBatch:
     def add_request(
         self,
         req_id: str,
-        token_ids: list[int],
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
         block_ids: list[int],
         sampling_params: SamplingParams,
+        generator: torch.Generator | None = None,
     ) -> int:
         assert req_id not in self.req_to_row, f"request {req_id} is already in the batch"
         row = self._free_rows.pop()
         self.req_to_row[req_id] = row
-        n = len(token_ids)
-        self.token_ids[row, :n] = token_ids
+        num_prompt = len(prompt_token_ids)
+        n = num_prompt + len(output_token_ids)
+        self.token_ids[row, :num_prompt] = prompt_token_ids
+        self.token_ids[row, num_prompt:n] = output_token_ids
         self.num_tokens[row] = n
+        self.num_prompt_tokens[row] = num_prompt
         self.num_blocks[row] = 0
         self.append_block_ids(row, block_ids)
-        self.temperature[row] = sampling_params.temperature
-        self.sampling_params[row] = sampling_params
+        self._set_sampling_params(row, sampling_params)
+        self.seeded[row] = generator is not None
+        if generator is not None:
+            self.generators[row] = generator
         return row
+
+    def _set_sampling_params(self, row: int, sp: SamplingParams) -> None:
+        self.temperature[row] = sp.temperature
+        self.top_k[row] = sp.top_k
+        self.top_p[row] = sp.top_p
+        self.min_p[row] = sp.min_p
+        self.presence_penalty[row] = sp.presence_penalty
+        self.frequency_penalty[row] = sp.frequency_penalty
+        self.repetition_penalty[row] = sp.repetition_penalty
+        self.min_tokens[row] = sp.min_tokens
+        self.num_logprobs[row] = -1 if sp.logprobs is None else sp.logprobs
+        self.num_prompt_logprobs[row] = -1 if sp.prompt_logprobs is None else sp.prompt_logprobs
+        if sp.allowed_token_ids:
+            self.allowed_token_ids.set(row, sorted(set(sp.allowed_token_ids)))
+        if sp.logit_bias:
+            self.logit_bias.set(row, list(sp.logit_bias), list(sp.logit_bias.values()))
+        if sp.min_tokens > 0:
+            stop_ids = set(sp.all_stop_token_ids)
+            if not sp.ignore_eos:
+                stop_ids.update(self.eos_token_ids)
+            self.min_tokens_stop_ids.set(row, sorted(stop_ids))
+        if sp.bad_words_token_ids:
+            self.bad_words.set(row, sp.bad_words_token_ids)
 
     def remove_request(self, req_id: str) -> None:
         row = self.req_to_row.pop(req_id, None)
-        if row is not None:
-            self.sampling_params[row] = None
-            self._free_rows.append(row)
+        if row is None:
+            return
+        self.generators.pop(row, None)
+        self.seeded[row] = False
+        for table in (self.allowed_token_ids, self.logit_bias, self.min_tokens_stop_ids):
+            table.remove(row)
+        self.bad_words.remove(row)
+        self._free_rows.append(row)
 
     def append_block_ids(self, row: int, block_ids: list[int]) -> None:
         if not block_ids:
@@ -63,3 +230,97 @@ class InputBatch:
         """Appends one token to each of `rows`."""
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
+
+    # ----- sampling metadata -----
+
+    def make_sampling_metadata(
+        self, rows: np.ndarray, device: torch.device, generator: torch.Generator | None
+    ) -> SamplingMetadata:
+        """The sampling parameters of `rows` (the rows that sample this step, in logits order)."""
+        temperature = self.temperature[rows]
+        all_greedy = bool((temperature == 0).all())
+        md = SamplingMetadata(all_greedy=all_greedy, all_random=bool((temperature != 0).all()))
+        num_logprobs = int(self.num_logprobs[rows].max(initial=-1))
+        md.max_num_logprobs = None if num_logprobs < 0 else num_logprobs
+        pos = np.full(self.max_num_reqs, -1, np.int64)
+        pos[rows] = np.arange(len(rows))
+        self._add_token_masks(md, rows, pos, device)
+        md.penalties = self._penalties(rows, device)
+        if all_greedy:
+            return md
+        md.temperature = _dev(temperature, device)
+        md.generator = generator
+        if self.generators:
+            seeded = np.flatnonzero(self.seeded[rows])
+            md.generators = {int(i): self.generators[int(rows[i])] for i in seeded}
+        top_k = self.top_k[rows]
+        if top_k.any():
+            md.top_k, md.max_top_k = _dev(top_k, device), int(top_k.max())
+            md.top_k_in_all_rows = bool(top_k.all()) and md.max_top_k <= MAX_TOP_K_CANDIDATES
+        top_p = self.top_p[rows]
+        if (top_p < 1).any():
+            md.top_p = _dev(top_p, device)
+        min_p = self.min_p[rows]
+        if min_p.any():
+            md.min_p = _dev(min_p, device)
+        return md
+
+    def _add_token_masks(
+        self, md: SamplingMetadata, rows: np.ndarray, pos: np.ndarray, device: torch.device
+    ) -> None:
+        if self.allowed_token_ids:
+            r, ids, _ = self.allowed_token_ids.select(pos)
+            if r.size:
+                md.allowed = TokenPairs(_dev(r, device), _dev(ids, device))
+                md.allowed_rows = _dev(np.unique(r), device)
+        if self.logit_bias:
+            r, ids, vals = self.logit_bias.select(pos)
+            if r.size:
+                md.logit_bias = TokenPairs(_dev(r, device), _dev(ids, device), _dev(vals, device))
+        banned_rows, banned_ids = [], []
+        if self.min_tokens_stop_ids:
+            num_output = self.num_tokens - self.num_prompt_tokens
+            early = np.where(num_output < self.min_tokens, pos, -1)
+            r, ids, _ = self.min_tokens_stop_ids.select(early)
+            banned_rows.append(r)
+            banned_ids.append(ids)
+        if self.bad_words:
+            r, ids = self.bad_words.banned(
+                pos, self.token_ids, self.num_tokens, self.num_prompt_tokens
+            )
+            banned_rows.append(r)
+            banned_ids.append(ids)
+        if banned_rows and sum(r.size for r in banned_rows):
+            md.banned = TokenPairs(
+                _dev(np.concatenate(banned_rows), device), _dev(np.concatenate(banned_ids), device)
+            )
+
+    def _penalties(self, rows: np.ndarray, device: torch.device) -> Penalties | None:
+        presence = self.presence_penalty[rows]
+        frequency = self.frequency_penalty[rows]
+        repetition = self.repetition_penalty[rows]
+        which = np.flatnonzero((presence != 0) | (frequency != 0) | (repetition != 1))
+        if not which.size:
+            return None
+        prow = rows[which]
+        num_tokens, num_prompt = self.num_tokens[prow], self.num_prompt_tokens[prow]
+        cols = np.arange(int(num_tokens.max()))
+        prompt_mask = cols[None, :] < num_prompt[:, None]
+        output_mask = ~prompt_mask & (cols[None, :] < num_tokens[:, None])
+        tokens = self.token_ids[prow, : cols.size].astype(np.int64)
+        return Penalties(
+            rows=_dev(which, device),
+            presence=_dev(presence[which], device),
+            frequency=_dev(frequency[which], device),
+            repetition=_dev(repetition[which], device),
+            token_ids=_dev(tokens, device),
+            prompt_mask=_dev(prompt_mask, device),
+            output_mask=_dev(output_mask, device),
+        )
+
+
+def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

@@ -2,7 +2,8 @@
 
 All scheduled tokens of all requests run as one flat batch (no padding, no batch dimension);
 logits are computed only for the last row of each request that reaches the end of its known
-tokens (a prompt chunk that stops short samples nothing).
+tokens (a prompt chunk that stops short samples nothing), and for the prompt rows of the requests
+that asked for prompt logprobs. The step's results come back to the host in one sync.
 """
 
 from __future__ import annotations
@@ -15,12 +16,25 @@ import torch
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.layer import Attention
 from pagedllm.config import EngineConfig
-from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedllm.forward_context import set_forward_context
 from pagedllm.models.interface import CausalLM
 from pagedllm.utils import cdiv
 from pagedllm.worker.input_batch import InputBatch
-from pagedllm.worker.sampler import Sampler, SamplingMetadata
+from pagedllm.worker.sampler import LogprobsTensors, Sampler, compute_logprobs
+
+
+@dataclass
+class PromptLogprobsPlan:
+    """Which hidden rows give prompt logprobs this step: `indices[j]` predicts `targets[j]`;
+    request `req_ids[i]` owns `counts[i]` consecutive rows, starting at prompt token `starts[i]`."""
+
+    req_ids: list[str]
+    batch_rows: list[int]
+    starts: list[int]
+    counts: list[int]
+    indices: np.ndarray
+    targets: np.ndarray
 
 
 @dataclass
@@ -34,6 +48,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # rows of the hidden states that sample
     sample_rows: np.ndarray  # input-batch rows of the requests that sample, in logits order
     sample_mask: np.ndarray  # bool [num_reqs]: which scheduled requests sample
+    prompt_logprobs: PromptLogprobsPlan | None
 
 
 class ModelRunner:
@@ -47,10 +62,14 @@ class ModelRunner:
             max_num_reqs=config.scheduler_config.max_num_seqs,
             max_model_len=max_model_len,
             max_blocks_per_req=cdiv(max_model_len, self.block_size),
+            eos_token_ids=config.model_config.eos_token_ids,
         )
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.model_config.seed)
+        # NOTE: a seeded request's generator outlives its preemptions, so its samples do not
+        # depend on what happened to the batch around it.
+        self.seeded_generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
 
@@ -64,17 +83,32 @@ class ModelRunner:
 
     def _update_states(self, out: SchedulerOutput) -> None:
         batch = self.input_batch
-        for req_id in out.finished_req_ids | out.preempted_req_ids:
+        for req_id in out.finished_req_ids:
+            batch.remove_request(req_id)
+            self.seeded_generators.pop(req_id, None)
+        for req_id in out.preempted_req_ids:
             batch.remove_request(req_id)
         for new in out.scheduled_new_reqs:
             batch.add_request(
                 new.req_id,
-                new.prompt_token_ids + new.output_token_ids,
+                new.prompt_token_ids,
+                new.output_token_ids,
                 new.block_ids,
                 new.sampling_params,
+                self._seeded_generator(new.req_id, new.sampling_params.seed),
             )
         for cached in out.scheduled_cached_reqs:
             batch.append_block_ids(batch.req_to_row[cached.req_id], cached.new_block_ids)
+
+    def _seeded_generator(self, req_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = self.seeded_generators.get(req_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self.seeded_generators[req_id] = gen
+        return gen
 
     # ----- inputs -----
 
@@ -126,22 +160,47 @@ class ModelRunner:
             logits_indices=_to(torch.from_numpy(logits_indices), dev),
             sample_rows=rows[sample_mask],
             sample_mask=sample_mask,
+            prompt_logprobs=self._plan_prompt_logprobs(req_ids, rows, starts, seq_lens, cu),
         )
+
+    def _plan_prompt_logprobs(
+        self,
+        req_ids: list[str],
+        rows: np.ndarray,
+        starts: np.ndarray,
+        seq_lens: np.ndarray,
+        cu: np.ndarray,
+    ) -> PromptLogprobsPlan | None:
+        """The rows at positions p < num_prompt - 1 of the requests that want prompt logprobs:
+        position p's logits give prompt token p + 1's logprob."""
+        batch = self.input_batch
+        asking = np.flatnonzero(batch.num_prompt_logprobs[rows] >= 0)
+        if not asking.size:
+            return None
+        plan = PromptLogprobsPlan([], [], [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+        indices, targets = [], []
+        for i in asking:  # NOTE: only the (rare) requests that asked.
+            row, start = int(rows[i]), int(starts[i])
+            end = min(int(seq_lens[i]), int(batch.num_prompt_tokens[row]) - 1)
+            if end <= start:
+                continue
+            first_index = int(cu[i]) - int(seq_lens[i] - starts[i])
+            indices.append(np.arange(first_index, first_index + end - start))
+            targets.append(batch.token_ids[row, start + 1 : end + 1].astype(np.int64))
+            plan.req_ids.append(req_ids[i])
+            plan.batch_rows.append(row)
+            plan.starts.append(start + 1)
+            plan.counts.append(end - start)
+        if not plan.req_ids:
+            return None
+        plan.indices, plan.targets = np.concatenate(indices), np.concatenate(targets)
+        return plan
 
     @staticmethod
     def _num_computed(out: SchedulerOutput, req_ids: list[str]) -> np.ndarray:
         computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
         computed.update((r.req_id, r.num_computed_tokens) for r in out.scheduled_cached_reqs)
         return np.fromiter((computed[r] for r in req_ids), np.int64, len(req_ids))
-
-    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
-        temperature = self.input_batch.temperature[rows]
-        return SamplingMetadata(
-            temperature=_to(torch.from_numpy(temperature), self.device),
-            all_greedy=bool((temperature == 0).all()),
-            all_random=bool((temperature != 0).all()),
-            generator=self.generator,
-        )
 
     # ----- the step -----
 
@@ -153,23 +212,105 @@ class ModelRunner:
         inputs = self._prepare_inputs(out)
         with set_forward_context(inputs.attn_metadata):
             hidden = self.model(inputs.input_ids, inputs.positions)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        sampled = self.sampler(logits, self._sampling_metadata(inputs.sample_rows))
+        plan = inputs.prompt_logprobs
+        indices = inputs.logits_indices
+        if plan is not None:
+            indices = torch.cat([indices, _to(torch.from_numpy(plan.indices), self.device)])
+        logits = self.model.compute_logits(hidden[indices])
+        num_sampled = len(inputs.sample_rows)
+        md = self.input_batch.make_sampling_metadata(
+            inputs.sample_rows, self.device, self.generator
+        )
+        sampled = self.sampler(logits[:num_sampled], md)
+        prompt_lp = None
+        if plan is not None:
+            raw = logits[num_sampled:].float().log_softmax(dim=-1)
+            targets = _to(torch.from_numpy(plan.targets), self.device)
+            n = int(self.input_batch.num_prompt_logprobs[plan.batch_rows].max())
+            prompt_lp = compute_logprobs(raw, targets, n)
         # NOTE: the one host sync of the step.
-        token_ids = sampled.token_ids.cpu().numpy()
-        logprobs = sampled.logprobs.cpu().numpy()
+        token_ids, sampled_lp, prompt_lp_host = _to_host(
+            sampled.token_ids, sampled.logprobs, prompt_lp
+        )
         self.input_batch.append_tokens(inputs.sample_rows, token_ids)
+        return self._make_output(inputs, token_ids, sampled_lp, prompt_lp_host)
 
+    def _make_output(
+        self,
+        inputs: StepInputs,
+        token_ids: np.ndarray,
+        sampled_lp: HostLogprobs | None,
+        prompt_lp: HostLogprobs | None,
+    ) -> ModelRunnerOutput:
         sampled_ids: list[list[int]] = [[] for _ in inputs.req_ids]
-        sampled_logprobs: list[list[float]] = [[] for _ in inputs.req_ids]
-        for k, i in enumerate(np.flatnonzero(inputs.sample_mask)):
+        sample_idx = np.flatnonzero(inputs.sample_mask)
+        for k, i in enumerate(sample_idx.tolist()):
             sampled_ids[i] = [int(token_ids[k])]
-            sampled_logprobs[i] = [float(logprobs[k])]
+        logprobs: list[Logprobs | None] | None = None
+        if sampled_lp is not None:
+            logprobs = [None] * len(inputs.req_ids)
+            num_logprobs = self.input_batch.num_logprobs[inputs.sample_rows]
+            for k in np.flatnonzero(num_logprobs >= 0).tolist():
+                logprobs[int(sample_idx[k])] = sampled_lp.rows(k, k + 1, int(num_logprobs[k]))
+        prompt_logprobs: dict[str, Logprobs] = {}
+        plan = inputs.prompt_logprobs
+        if plan is not None and prompt_lp is not None:
+            offset = 0
+            for req_id, row, start, count in zip(
+                plan.req_ids, plan.batch_rows, plan.starts, plan.counts
+            ):
+                n = int(self.input_batch.num_prompt_logprobs[row])
+                prompt_logprobs[req_id] = prompt_lp.rows(offset, offset + count, n, start)
+                offset += count
         return ModelRunnerOutput(
             req_ids=inputs.req_ids,
             sampled_token_ids=sampled_ids,
-            sampled_logprobs=sampled_logprobs,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
+
+
+@dataclass
+class HostLogprobs:
+    """`LogprobsTensors` brought to the host."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    ranks: np.ndarray
+
+    def rows(self, begin: int, end: int, num_logprobs: int, start: int = 0) -> Logprobs:
+        """Rows [begin, end) with the chosen token and the top-`num_logprobs`."""
+        width = 1 + num_logprobs
+        return Logprobs(
+            token_ids=self.token_ids[begin:end, :width].tolist(),
+            logprobs=self.logprobs[begin:end, :width].tolist(),
+            ranks=self.ranks[begin:end].tolist(),
+            start=start,
+        )
+
+
+def _to_host(
+    token_ids: torch.Tensor, sampled: LogprobsTensors | None, prompt: LogprobsTensors | None
+) -> tuple[np.ndarray, HostLogprobs | None, HostLogprobs | None]:
+    """Copies the step's results to the host, waiting once for all of them."""
+    tensors = [token_ids]
+    for lp in (sampled, prompt):
+        if lp is not None:
+            tensors += [lp.token_ids, lp.logprobs, lp.ranks]
+    if token_ids.device.type == "cpu":
+        host = [t.numpy() for t in tensors]
+    else:
+        pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for dst, src in zip(pinned, tensors):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.current_stream(token_ids.device).synchronize()
+        host = [t.numpy() for t in pinned]
+    rest = iter(host[1:])
+    out = [
+        None if lp is None else HostLogprobs(next(rest), next(rest), next(rest))
+        for lp in (sampled, prompt)
+    ]
+    return host[0], out[0], out[1]
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
