@@ -106,10 +106,19 @@ def random_sample(
     own generator, so its samples do not depend on the other rows of the batch."""
     q = torch.empty_like(probs)
     if len(generators) != probs.shape[0]:
-        q.exponential_(generator=generator)
+        _exponential_(q, generator)
     for i, gen in generators.items():
-        q[i].exponential_(generator=gen)
+        _exponential_(q[i], gen)
     return probs.div_(q).argmax(dim=-1)
+
+
+def _exponential_(out: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Fills `out` with Exp(1) noise. On the CPU, -log(U) with U ~ Uniform[0, 1) is 4-5x faster
+    than `exponential_` (U = 0 gives +inf, a weight of 0: harmless)."""
+    if out.device.type == "cpu":
+        out.uniform_(generator=generator).log_().neg_()
+    else:
+        out.exponential_(generator=generator)
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
