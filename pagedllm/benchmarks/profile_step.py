@@ -1,0 +1,60 @@
+"""Profile decode steps: a step's wall time against its GPU kernel time, and the top ops.
+
+    python -m pagedllm.benchmarks.profile_step llama3-8b 1
+    python -m pagedllm.benchmarks.profile_step qwen3-0.6b 256
+
+Loads the model shape with random weights, starts `batch` requests of 128 prompt tokens, and
+profiles 10 decode steps after 25 warm-up steps. Where wall time ≫ GPU time, the step is bound
+by the host (Python, kernel launches), not by the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pagedllm import LLM, SamplingParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("batch", type=int)
+    parser.add_argument("--steps", type=int, default=10)
+    ns = parser.parse_args()
+    llm = LLM(ns.model, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.5)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    for i in range(ns.batch):
+        prompt = [(i * 7 + j) % 30000 for j in range(128)]
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    for _ in range(5):
+        engine.step()
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        engine.step()
+    sync()
+    wall = (time.perf_counter() - start) / 20
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(ns.steps):
+            engine.step()
+        sync()
+    averages = prof.key_averages()
+    device_ms = averages.total_average().self_device_time_total / ns.steps / 1e3
+    print(
+        f"{ns.model} batch {ns.batch}: step wall {wall * 1e3:.2f} ms, "
+        f"device kernel time {device_ms:.2f} ms/step, decode {ns.batch / wall:.0f} tok/s"
+    )
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(averages.table(sort_by=sort, row_limit=15, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
