@@ -170,10 +170,6 @@ class SamplingParams:
                     f"{name} holds token ids outside the vocabulary (size {vocab_size}): {bad[:5]}"
                 )
 
-    @property
-    def sampling_type_greedy(self) -> bool:
-        return self.temperature == 0.0
-
     def clone(self) -> SamplingParams:
         """A copy whose containers can be changed without touching this one's."""
         new = copy.copy(self)

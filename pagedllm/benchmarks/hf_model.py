@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagedllm.engine_args import EngineArgs
+from pagedllm.config import EngineConfig
 
 
-def load_hf_model(args: EngineArgs) -> tuple[Any, Any]:
+def load_hf_model(config: EngineConfig) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = args.create_engine_config()
     mc = config.model_config
     device = torch.device(config.device_config.device)
     dtype = getattr(torch, mc.dtype)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from pagedllm.benchmarks.workloads import BenchRequest, t1_requests
+from pagedllm.config import EngineConfig
 from pagedllm.engine_args import EngineArgs
 
 
@@ -80,7 +81,7 @@ def run_pagedllm(
 
 
 def run_hf(
-    args: EngineArgs, requests: list[BenchRequest], temperature: float, batch_size: int
+    config: EngineConfig, requests: list[BenchRequest], temperature: float, batch_size: int
 ) -> ThroughputResult:
     """HF `generate` in static batches sorted by prompt length; each batch runs to its longest
     output, and only the tokens each request asked for count."""
@@ -88,7 +89,7 @@ def run_hf(
 
     from pagedllm.benchmarks.hf_model import load_hf_model
 
-    model, device = load_hf_model(args)
+    model, device = load_hf_model(config)
     order = sorted(requests, key=lambda r: len(r.prompt_token_ids))
     start = time.perf_counter()
     with torch.inference_mode():
@@ -139,7 +140,7 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
         if backend == "pagedllm":
             results.append(run_pagedllm(engine_args, requests, ns.temperature))
         elif backend == "hf":
-            results.append(run_hf(engine_args, requests, ns.temperature, ns.hf_batch_size))
+            results.append(run_hf(config, requests, ns.temperature, ns.hf_batch_size))
         else:
             raise ValueError(f"unknown backend {backend!r}: use pagedllm, hf or pagedllm,hf")
     print(

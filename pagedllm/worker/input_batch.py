@@ -44,9 +44,6 @@ class RowTokenTable:
         if self._lists.pop(row, None) is not None:
             self._dirty = True
 
-    def has_rows(self) -> np.ndarray:
-        return np.fromiter(self._lists, np.int64, len(self._lists))
-
     def select(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The entries of the rows with `pos[row] >= 0`, as (pos[row], token id, value)."""
         if self._dirty:
