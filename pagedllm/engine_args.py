@@ -25,6 +25,7 @@ from pagedllm.config import (
     SchedulerConfig,
     parse_size,
 )
+from pagedllm.transformers_utils.config import get_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         device = _resolve_device(self.device)
         model_path, load_format = _resolve_model(self.model, self.load_format)
-        hf_config = _load_hf_config(model_path)
+        hf_config = get_hf_config(model_path)
         model_config = _build_model_config(self, hf_config, model_path, load_format, device)
         max_num_seqs = self.max_num_seqs or DEFAULT_MAX_NUM_SEQS
         max_num_batched_tokens = self.max_num_batched_tokens or max(
@@ -193,15 +194,6 @@ def _resolve_model(model: str | None, load_format: str) -> tuple[str, str]:
 def packaged_shapes() -> list[str]:
     """Model shapes shipped as HF config JSON (pagedllm/configs), for load_format='dummy'."""
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
-
-
-def _load_hf_config(model_path: str) -> Any:
-    from transformers import AutoConfig
-
-    if model_path.endswith(".json"):
-        data = json.loads(Path(model_path).read_text())
-        return AutoConfig.for_model(**data)
-    return AutoConfig.from_pretrained(model_path)
 
 
 def _resolve_dtype(dtype: str, hf_config: Any, device: str) -> str:

@@ -21,29 +21,15 @@ from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.stats import PrefixCacheStats, SchedulerStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.transformers_utils.tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def load_tokenizer(config: EngineConfig) -> Any | None:
-    """The HF tokenizer of the model, or None (with a warning) when the model has none."""
-    mc = config.model_config
-    path = mc.tokenizer
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        logger.warning("no tokenizer at %s (%s): only token-id prompts will work", path, e)
-        return None
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config)
+        self.tokenizer = get_tokenizer(config.model_config.tokenizer)
         self.processor = Processor(config, self.tokenizer)
         if executor is None:
             from pagedllm.executor.uniproc import UniProcExecutor
