@@ -47,6 +47,10 @@ def kv_cache_shape(
 class AttentionImpl(ABC):
     """One layer's attention computation. Built once per layer by the `Attention` module."""
 
+    # True when `forward` reads no device tensor on the host, so a step can be captured in a
+    # CUDA graph and replayed with new metadata values (host ints fixed at capture).
+    cuda_graph_safe = False
+
     def __init__(
         self,
         num_heads: int,

@@ -9,6 +9,8 @@ flat tables of (row, token) entries, rebuilt only when a request that uses them 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -19,6 +21,9 @@ from pagedllm.worker.sampler import (
     SamplingMetadata,
     TokenPairs,
 )
+from pagedllm.worker.staging import HostStager
+
+ToDevice = Callable[[np.ndarray], torch.Tensor]
 
 
 class RowTokenTable:
@@ -231,9 +236,11 @@ class InputBatch:
     # ----- sampling metadata -----
 
     def make_sampling_metadata(
-        self, rows: np.ndarray, device: torch.device, generator: torch.Generator | None
+        self, rows: np.ndarray, stager: HostStager, generator: torch.Generator | None
     ) -> SamplingMetadata:
-        """The sampling parameters of `rows` (the rows that sample this step, in logits order)."""
+        """The sampling parameters of `rows` (the rows that sample this step, in logits order),
+        copied to the device through `stager`."""
+        dev = stager.to_device
         temperature = self.temperature[rows]
         all_greedy = bool((temperature == 0).all())
         md = SamplingMetadata(all_greedy=all_greedy, all_random=bool((temperature != 0).all()))
@@ -241,39 +248,39 @@ class InputBatch:
         md.max_num_logprobs = None if num_logprobs < 0 else num_logprobs
         pos = np.full(self.max_num_reqs, -1, np.int64)
         pos[rows] = np.arange(len(rows))
-        self._add_token_masks(md, rows, pos, device)
-        md.penalties = self._penalties(rows, device)
+        self._add_token_masks(md, rows, pos, dev)
+        md.penalties = self._penalties(rows, dev)
         if all_greedy:
             return md
-        md.temperature = _dev(temperature, device)
+        md.temperature = dev(temperature)
         md.generator = generator
         if self.generators:
             seeded = np.flatnonzero(self.seeded[rows])
             md.generators = {int(i): self.generators[int(rows[i])] for i in seeded}
         top_k = self.top_k[rows]
         if top_k.any():
-            md.top_k, md.max_top_k = _dev(top_k, device), int(top_k.max())
+            md.top_k, md.max_top_k = dev(top_k), int(top_k.max())
             md.top_k_in_all_rows = bool(top_k.all()) and md.max_top_k <= MAX_TOP_K_CANDIDATES
         top_p = self.top_p[rows]
         if (top_p < 1).any():
-            md.top_p = _dev(top_p, device)
+            md.top_p = dev(top_p)
         min_p = self.min_p[rows]
         if min_p.any():
-            md.min_p = _dev(min_p, device)
+            md.min_p = dev(min_p)
         return md
 
     def _add_token_masks(
-        self, md: SamplingMetadata, rows: np.ndarray, pos: np.ndarray, device: torch.device
+        self, md: SamplingMetadata, rows: np.ndarray, pos: np.ndarray, dev: ToDevice
     ) -> None:
         if self.allowed_token_ids:
             r, ids, _ = self.allowed_token_ids.select(pos)
             if r.size:
-                md.allowed = TokenPairs(_dev(r, device), _dev(ids, device))
-                md.allowed_rows = _dev(np.unique(r), device)
+                md.allowed = TokenPairs(dev(r), dev(ids))
+                md.allowed_rows = dev(np.unique(r))
         if self.logit_bias:
             r, ids, vals = self.logit_bias.select(pos)
             if r.size:
-                md.logit_bias = TokenPairs(_dev(r, device), _dev(ids, device), _dev(vals, device))
+                md.logit_bias = TokenPairs(dev(r), dev(ids), dev(vals))
         banned_rows, banned_ids = [], []
         if self.min_tokens_stop_ids:
             num_output = self.num_tokens - self.num_prompt_tokens
@@ -289,10 +296,10 @@ class InputBatch:
             banned_ids.append(ids)
         if banned_rows and sum(r.size for r in banned_rows):
             md.banned = TokenPairs(
-                _dev(np.concatenate(banned_rows), device), _dev(np.concatenate(banned_ids), device)
+                dev(np.concatenate(banned_rows)), dev(np.concatenate(banned_ids))
             )
 
-    def _penalties(self, rows: np.ndarray, device: torch.device) -> Penalties | None:
+    def _penalties(self, rows: np.ndarray, dev: ToDevice) -> Penalties | None:
         presence = self.presence_penalty[rows]
         frequency = self.frequency_penalty[rows]
         repetition = self.repetition_penalty[rows]
@@ -306,18 +313,11 @@ class InputBatch:
         output_mask = ~prompt_mask & (cols[None, :] < num_tokens[:, None])
         tokens = self.token_ids[prow, : cols.size].astype(np.int64)
         return Penalties(
-            rows=_dev(which, device),
-            presence=_dev(presence[which], device),
-            frequency=_dev(frequency[which], device),
-            repetition=_dev(repetition[which], device),
-            token_ids=_dev(tokens, device),
-            prompt_mask=_dev(prompt_mask, device),
-            output_mask=_dev(output_mask, device),
+            rows=dev(which),
+            presence=dev(presence[which]),
+            frequency=dev(frequency[which]),
+            repetition=dev(repetition[which]),
+            token_ids=dev(tokens),
+            prompt_mask=dev(prompt_mask),
+            output_mask=dev(output_mask),
         )
-
-
-def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)

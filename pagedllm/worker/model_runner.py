@@ -8,6 +8,7 @@ that asked for prompt logprobs. The step's results come back to the host in one 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +21,12 @@ from pagedllm.engine.scheduler_output import Logprobs, ModelRunnerOutput, Schedu
 from pagedllm.forward_context import set_forward_context
 from pagedllm.models.interface import CausalLM
 from pagedllm.utils import cdiv
+from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.input_batch import InputBatch
 from pagedllm.worker.sampler import LogprobsTensors, Sampler, compute_logprobs
+from pagedllm.worker.staging import HostStager
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +54,7 @@ class StepInputs:
     sample_rows: np.ndarray  # input-batch rows of the requests that sample, in logits order
     sample_mask: np.ndarray  # bool [num_reqs]: which scheduled requests sample
     prompt_logprobs: PromptLogprobsPlan | None
+    graph_size: int | None = None  # a decode step replayed from the CUDA graph of this size
 
 
 class ModelRunner:
@@ -72,6 +78,30 @@ class ModelRunner:
         self.seeded_generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.stager = HostStager(device)
+        self.cuda_graphs: CudaGraphRunner | None = None
+
+    def capture_cuda_graphs(self) -> None:
+        """Captures the decode graphs (after the KV cache is bound), unless the config says
+        eager or the attention backend cannot be captured."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        impls = [layer.impl for layer in self.attention_layers]
+        if not all(impl.cuda_graph_safe for impl in impls):
+            logger.info(
+                "attention backend %s cannot be captured: decode runs eagerly",
+                type(impls[0]).__name__,
+            )
+            return
+        sc = self.config.scheduler_config
+        self.cuda_graphs = CudaGraphRunner(
+            self.model,
+            capture_sizes(sc.max_num_seqs),
+            self.input_batch.block_table.shape[1],
+            self.config.model_config.max_model_len,
+            self.device,
+        )
+        self.cuda_graphs.capture()
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         assert len(kv_caches) == len(self.attention_layers)
@@ -115,8 +145,9 @@ class ModelRunner:
     def _prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
         batch = self.input_batch
         req_ids = list(out.num_scheduled_tokens)
-        rows = np.fromiter((batch.req_to_row[r] for r in req_ids), np.int64, len(req_ids))
-        query_lens = np.fromiter(out.num_scheduled_tokens.values(), np.int64, len(req_ids))
+        num_reqs = len(req_ids)
+        rows = np.fromiter((batch.req_to_row[r] for r in req_ids), np.int64, num_reqs)
+        query_lens = np.fromiter(out.num_scheduled_tokens.values(), np.int64, num_reqs)
         starts = self._num_computed(out, req_ids)
         seq_lens = starts + query_lens
         cu = np.cumsum(query_lens)
@@ -128,39 +159,54 @@ class ModelRunner:
         input_ids = batch.token_ids[token_rows, positions].astype(np.int64)
         block_ids = batch.block_table[token_rows, positions // self.block_size]
         slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
-
         max_blocks = cdiv(int(seq_lens.max()), self.block_size)
         block_table = batch.block_table[rows, :max_blocks]
-        query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int32)
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
         query_start_loc[1:] = cu
+        seq_lens32 = seq_lens.astype(np.int32)
 
         sample_mask = seq_lens == batch.num_tokens[rows]
         logits_indices = (cu - 1)[sample_mask]
-
-        dev = self.device
-        qsl_cpu = torch.from_numpy(query_start_loc)
-        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
-        metadata = AttentionMetadata(
-            num_reqs=len(req_ids),
-            num_actual_tokens=num_tokens,
-            max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc=_to(qsl_cpu, dev),
-            seq_lens=_to(seq_lens_cpu, dev),
-            block_table=_to(torch.from_numpy(np.ascontiguousarray(block_table)), dev),
-            slot_mapping=_to(torch.from_numpy(slot_mapping), dev),
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=seq_lens_cpu,
-        )
+        st = self.stager
+        graph_size = None
+        if self.cuda_graphs is not None and num_tokens == num_reqs:
+            graph_size = self.cuda_graphs.padded_size(num_reqs)
+        if graph_size is None:
+            metadata = AttentionMetadata(
+                num_reqs=num_reqs,
+                num_actual_tokens=num_tokens,
+                max_query_len=int(query_lens.max()),
+                max_seq_len=int(seq_lens.max()),
+                query_start_loc=st.to_device(query_start_loc),
+                seq_lens=st.to_device(seq_lens32),
+                block_table=st.to_device(block_table),
+                slot_mapping=st.to_device(slot_mapping),
+                query_start_loc_cpu=torch.from_numpy(query_start_loc),
+                seq_lens_cpu=torch.from_numpy(seq_lens32),
+            )
+            ids_t, positions_t = st.to_device(input_ids), st.to_device(positions)
+        else:
+            # A decode step replayed from a graph: inputs go to its static buffers, padded.
+            g, size = self.cuda_graphs, graph_size
+            assert g is not None
+            st.copy_into(_pad(input_ids, size, 0), g.input_ids[:size])
+            st.copy_into(_pad(positions, size, 0), g.positions[:size])
+            st.copy_into(_pad(slot_mapping, size, -1), g.slot_mapping[:size])
+            st.copy_into(_pad(seq_lens32, size, 0), g.seq_lens[:size])
+            st.copy_into(_pad(query_start_loc, size + 1, num_reqs), g.query_start_loc[: size + 1])
+            g.block_table[:num_reqs, :max_blocks].copy_(st.to_device(block_table))
+            metadata = g.metadata(size)
+            ids_t, positions_t = g.input_ids[:size], g.positions[:size]
         return StepInputs(
             req_ids=req_ids,
-            input_ids=_to(torch.from_numpy(input_ids), dev),
-            positions=_to(torch.from_numpy(positions), dev),
+            input_ids=ids_t,
+            positions=positions_t,
             attn_metadata=metadata,
-            logits_indices=_to(torch.from_numpy(logits_indices), dev),
+            logits_indices=st.to_device(logits_indices),
             sample_rows=rows[sample_mask],
             sample_mask=sample_mask,
             prompt_logprobs=self._plan_prompt_logprobs(req_ids, rows, starts, seq_lens, cu),
+            graph_size=graph_size,
         )
 
     def _plan_prompt_logprobs(
@@ -209,28 +255,33 @@ class ModelRunner:
         self._update_states(out)
         if out.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        self.stager.reset()  # NOTE: safe: the previous step waited for its results
         inputs = self._prepare_inputs(out)
-        with set_forward_context(inputs.attn_metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        if inputs.graph_size is not None:
+            assert self.cuda_graphs is not None
+            hidden = self.cuda_graphs.replay(inputs.graph_size)
+        else:
+            with set_forward_context(inputs.attn_metadata):
+                hidden = self.model(inputs.input_ids, inputs.positions)
         plan = inputs.prompt_logprobs
         indices = inputs.logits_indices
         if plan is not None:
-            indices = torch.cat([indices, _to(torch.from_numpy(plan.indices), self.device)])
+            indices = torch.cat([indices, self.stager.to_device(plan.indices)])
         logits = self.model.compute_logits(hidden[indices])
         num_sampled = len(inputs.sample_rows)
         md = self.input_batch.make_sampling_metadata(
-            inputs.sample_rows, self.device, self.generator
+            inputs.sample_rows, self.stager, self.generator
         )
         sampled = self.sampler(logits[:num_sampled], md)
         prompt_lp = None
         if plan is not None:
             raw = logits[num_sampled:].float().log_softmax(dim=-1)
-            targets = _to(torch.from_numpy(plan.targets), self.device)
+            targets = self.stager.to_device(plan.targets)
             n = int(self.input_batch.num_prompt_logprobs[plan.batch_rows].max())
             prompt_lp = compute_logprobs(raw, targets, n)
         # NOTE: the one host sync of the step.
         token_ids, sampled_lp, prompt_lp_host = _to_host(
-            sampled.token_ids, sampled.logprobs, prompt_lp
+            self.stager, sampled.token_ids, sampled.logprobs, prompt_lp
         )
         self.input_batch.append_tokens(inputs.sample_rows, token_ids)
         return self._make_output(inputs, token_ids, sampled_lp, prompt_lp_host)
@@ -290,21 +341,17 @@ class HostLogprobs:
 
 
 def _to_host(
-    token_ids: torch.Tensor, sampled: LogprobsTensors | None, prompt: LogprobsTensors | None
+    stager: HostStager,
+    token_ids: torch.Tensor,
+    sampled: LogprobsTensors | None,
+    prompt: LogprobsTensors | None,
 ) -> tuple[np.ndarray, HostLogprobs | None, HostLogprobs | None]:
     """Copies the step's results to the host, waiting once for all of them."""
     tensors = [token_ids]
     for lp in (sampled, prompt):
         if lp is not None:
             tensors += [lp.token_ids, lp.logprobs, lp.ranks]
-    if token_ids.device.type == "cpu":
-        host = [t.numpy() for t in tensors]
-    else:
-        pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-        for dst, src in zip(pinned, tensors):
-            dst.copy_(src, non_blocking=True)
-        torch.cuda.current_stream(token_ids.device).synchronize()
-        host = [t.numpy() for t in pinned]
+    host = stager.to_host(tensors)
     rest = iter(host[1:])
     out = [
         None if lp is None else HostLogprobs(next(rest), next(rest), next(rest))
@@ -313,7 +360,8 @@ def _to_host(
     return host[0], out[0], out[1]
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+def _pad(a: np.ndarray, size: int, value: int) -> np.ndarray:
+    """`a` extended to `size` entries with `value`."""
+    out = np.full(size, value, dtype=a.dtype)
+    out[: a.size] = a
+    return out

@@ -301,6 +301,45 @@ def test_padded_rows_and_strided_inputs() -> None:
     assert torch.equal(case.kv_cache, expected_cache)
 
 
+@pytest.mark.parametrize("num_kv_splits", [1, 3, None])
+def test_cuda_graph_padded_decode(num_kv_splits: int | None) -> None:
+    """A decode batch as a CUDA-graph replay pads it (pagedllm/worker/cuda_graph.py): padding
+    requests with an empty query range, no context and slot -1, and the capture's host ints
+    (`max_seq_len` far above the real lengths). The real rows equal the unpadded reference and
+    only the real slots are written."""
+    num_heads, head_dim, pad = 8, 64, 5
+    case = new_case([(40, 1), (7, 1), (90, 1), (0, 1)], num_heads, head_dim, 16, seed=27)
+    expected, expected_cache = reference(case, num_heads, None)
+    md, n = case.metadata, case.metadata.num_reqs
+    size = n + pad
+    garbage = torch.randn(pad, *case.query.shape[1:], device=DEVICE)
+    query = torch.cat([case.query, garbage])
+    key = torch.cat([case.key, garbage[:, :NUM_KV_HEADS]])
+    value = torch.cat([case.value, garbage[:, :NUM_KV_HEADS]])
+
+    def padded(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t, torch.full((pad, *t.shape[1:]), value, dtype=t.dtype, device=DEVICE)])
+
+    qsl, seq_lens = padded(md.query_start_loc, n), padded(md.seq_lens, 0)
+    metadata = AttentionMetadata(
+        num_reqs=size,
+        num_actual_tokens=size,
+        max_query_len=1,
+        max_seq_len=4096,
+        query_start_loc=qsl,
+        seq_lens=seq_lens,
+        block_table=padded(md.block_table, 10**6),
+        slot_mapping=padded(md.slot_mapping, -1),
+        query_start_loc_cpu=qsl.cpu(),
+        seq_lens_cpu=seq_lens.cpu(),
+    )
+    impl = TritonAttention(num_heads, head_dim, head_dim**-0.5, NUM_KV_HEADS)
+    impl.num_kv_splits = num_kv_splits
+    out = impl.forward(query, key, value, case.kv_cache, metadata)
+    torch.testing.assert_close(out[:n], expected, atol=FP32_ATOL, rtol=0)
+    assert torch.equal(case.kv_cache, expected_cache)
+
+
 def test_choose_num_splits() -> None:
     assert kernels.choose_num_splits(1, 8, 8192, 64, 132) == 32
     assert kernels.choose_num_splits(256, 8, 2048, 64, 132) == 1

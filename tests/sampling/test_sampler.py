@@ -19,6 +19,7 @@ from pagedllm.worker.sampler import (
     apply_top_k_top_p,
     apply_top_k_top_p_candidates,
 )
+from pagedllm.worker.staging import HostStager
 
 VOCAB = 64
 NEG_INF = float("-inf")
@@ -167,7 +168,7 @@ def test_penalties_and_token_masks_from_the_input_batch() -> None:
     names = [f"r{i}" for i in range(14) if i != 3]
     rows = np.array([batch.req_to_row[names[i]] for i in rng.permutation(len(names))])
     logits = random_logits(len(rows), 4)
-    md = batch.make_sampling_metadata(rows, torch.device("cpu"), None)
+    md = batch.make_sampling_metadata(rows, HostStager(torch.device("cpu")), None)
     processed = logits.clone()
     Sampler._apply_logits_processors(processed, md)
     row_to_req = {batch.req_to_row[n]: reqs[int(n[1:])] for n in names}

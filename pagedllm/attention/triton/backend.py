@@ -27,6 +27,8 @@ class TritonAttention(AttentionImpl):
     the reference (masked keys get weight 0, but 0 x NaN is NaN).
     """
 
+    cuda_graph_safe = True
+
     def __init__(
         self,
         num_heads: int,
