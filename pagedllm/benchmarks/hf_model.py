@@ -12,12 +12,16 @@ def load_hf_model(config: EngineConfig) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pagedllm.transformers_utils.config import to_transformers_config
+
     mc = config.model_config
     device = torch.device(config.device_config.device)
     dtype = getattr(torch, mc.dtype)
     if mc.load_format == "dummy":
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(mc.hf_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(
+                to_transformers_config(mc.hf_config), dtype=dtype
+            )
     else:
         model = AutoModelForCausalLM.from_pretrained(mc.model, dtype=dtype).to(device)
     return model.eval(), device
