@@ -52,54 +52,10 @@ class LLMEngine:
         """Validates and queues one request; bad input raises ValueError and changes nothing.
         Which outputs `step` reports for it: `output_kind` if given (the caller's params are left
         unchanged), else `params.output_kind`."""
-        if (
-            request_id in self.output_processor.states
-            or request_id in self.output_processor.parents
+        for request in prepare_request(
+            self.processor, self.output_processor, request_id, prompt, params, output_kind
         ):
-            raise ValueError(f"request id {request_id!r} is already in the engine")
-        if output_kind is not None and output_kind != params.output_kind:
-            params = params.clone()
-            params.output_kind = output_kind
-        if params.n == 1:
-            text, request = self.processor.process(request_id, prompt, params)
             self.engine_core.add_request(request)
-            self.output_processor.add_request(
-                RequestState(request_id, text, request.prompt_token_ids, request.sampling_params)
-            )
-            return
-        children: list[tuple[str | None, Request]] = []
-        for index in range(params.n):
-            child_params = params.clone()
-            child_params.n = 1
-            if params.seed is not None:
-                child_params.seed = params.seed + index
-            if index > 0:
-                # NOTE: only the first child computes prompt logprobs (and so skips the cache).
-                child_params.prompt_logprobs = None
-            if children:  # the prompt is tokenized once
-                text, first = children[0]
-                prompt = {"prompt": text, "prompt_token_ids": first.prompt_token_ids}
-            children.append(self.processor.process(f"{index}_{request_id}", prompt, child_params))
-        text, first = children[0]
-        parent = ParentRequest(
-            request_id,
-            text,
-            first.prompt_token_ids,
-            params.output_kind,
-            [r.request_id for _, r in children],
-        )
-        for index, (_, request) in enumerate(children):
-            self.engine_core.add_request(request)
-            self.output_processor.add_request(
-                RequestState(
-                    request.request_id,
-                    text,
-                    request.prompt_token_ids,
-                    request.sampling_params,
-                    parent=parent,
-                    index=index,
-                )
-            )
 
     def abort_request(self, request_ids: list[str]) -> None:
         core_ids = [c for r in request_ids for c in self.output_processor.child_ids(r)]
@@ -124,7 +80,71 @@ class LLMEngine:
         return self.engine_core.scheduler.kv_cache_manager.prefix_cache_stats
 
     def get_stats(self) -> SchedulerStats:
-        return self.engine_core.scheduler.make_stats()
+        return self.engine_core.make_stats()
 
     def reset_prefix_cache(self) -> bool:
         return self.engine_core.scheduler.kv_cache_manager.reset_prefix_cache()
+
+
+def prepare_request(
+    processor: Processor,
+    output_processor: OutputProcessor,
+    request_id: str,
+    prompt: PromptType,
+    params: SamplingParams,
+    output_kind: RequestOutputKind | None = None,
+) -> list[Request]:
+    """Validates one user request, registers its output state(s) and returns the engine-core
+    requests to queue: the request itself, or its n children if n > 1.
+
+    Shared by `LLMEngine` and `AsyncLLM`. Bad input raises ValueError before anything is
+    registered. `output_kind`, if given, overrides `params.output_kind` (params left unchanged).
+    """
+    if not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+    if request_id in output_processor.states or request_id in output_processor.parents:
+        raise ValueError(f"request id {request_id!r} is already in the engine")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    if output_kind is not None and output_kind != params.output_kind:
+        params = params.clone()
+        params.output_kind = output_kind
+    if params.n == 1:
+        text, request = processor.process(request_id, prompt, params)
+        output_processor.add_request(
+            RequestState(request_id, text, request.prompt_token_ids, request.sampling_params)
+        )
+        return [request]
+    children: list[tuple[str | None, Request]] = []
+    for index in range(params.n):
+        child_params = params.clone()
+        child_params.n = 1
+        if params.seed is not None:
+            child_params.seed = params.seed + index
+        if index > 0:
+            # NOTE: only the first child computes prompt logprobs (and so skips the cache).
+            child_params.prompt_logprobs = None
+        if children:  # the prompt is tokenized once
+            text, first = children[0]
+            prompt = {"prompt": text, "prompt_token_ids": first.prompt_token_ids}
+        children.append(processor.process(f"{index}_{request_id}", prompt, child_params))
+    text, first = children[0]
+    parent = ParentRequest(
+        request_id,
+        text,
+        first.prompt_token_ids,
+        params.output_kind,
+        [r.request_id for _, r in children],
+    )
+    for index, (_, request) in enumerate(children):
+        output_processor.add_request(
+            RequestState(
+                request.request_id,
+                text,
+                request.prompt_token_ids,
+                request.sampling_params,
+                parent=parent,
+                index=index,
+            )
+        )
+    return [request for _, request in children]

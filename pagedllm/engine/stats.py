@@ -1,8 +1,9 @@
-"""Counters the engine exposes (and the metrics exporter will publish)."""
+"""Counters the engine exposes: the scheduler keeps them, the engine-core process sends a
+snapshot with every batch of outputs, and the Prometheus exporter (pagedllm/metrics) publishes them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -21,6 +22,9 @@ class PrefixCacheStats:
 
 @dataclass
 class SchedulerStats:
+    """The scheduler's state after one step: gauges (running, waiting, KV usage as a fraction
+    of the blocks) and cumulative counters since the engine started."""
+
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
     kv_cache_usage: float = 0.0
@@ -28,3 +32,5 @@ class SchedulerStats:
     num_prompt_tokens: int = 0  # cumulative, tokens computed for prompts (cache hits excluded)
     num_generation_tokens: int = 0  # cumulative
     num_steps: int = 0
+    # Cumulative; the scheduler's own copy stays empty, `EngineCore.make_stats` fills it in.
+    prefix_cache_stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)

@@ -1,0 +1,11 @@
+"""Errors the engine clients raise."""
+
+from __future__ import annotations
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core process is gone (it crashed, was killed, or the client shut it down):
+    no request can be served any more; the client must be rebuilt."""
+
+    def __init__(self, message: str = "the engine-core process died") -> None:
+        super().__init__(message)

@@ -1,0 +1,1 @@
+"""Metrics: the Prometheus exporter of the engine's stats and request latencies."""
