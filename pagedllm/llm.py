@@ -88,29 +88,15 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One conversation → `{"prompt": text, "prompt_token_ids": ids}` via the chat template.
-
-        NOTE: the template writes any BOS itself, so the text is tokenized without special tokens.
-        """
-        tokenizer = self.get_tokenizer()
-        if tokenizer is None:
-            raise ValueError("chat needs a tokenizer; this engine has none")
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the model has no chat template: pass chat_template=")
-        if add_generation_prompt and continue_final_message:
-            raise ValueError("add_generation_prompt and continue_final_message exclude each other")
-        text = tokenizer.apply_chat_template(
+        """One conversation → `{"prompt": text, "prompt_token_ids": ids}` via the chat template."""
+        return render_chat(
+            self.get_tokenizer(),
             conversation,
-            chat_template=chat_template,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tokenize=False,
-            **(chat_template_kwargs or {}),
+            chat_template,
+            add_generation_prompt,
+            continue_final_message,
+            chat_template_kwargs,
         )
-        return {
-            "prompt": text,
-            "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
-        }
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -152,3 +138,36 @@ def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:
     raise ValueError(
         "messages must be a list of {'role', 'content'} dicts, or a list of such lists"
     )
+
+
+def render_chat(
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One conversation → `{"prompt": text, "prompt_token_ids": ids}` through `tokenizer`'s chat
+    template (or `chat_template`); shared by `LLM.chat` and the OpenAI server.
+
+    NOTE: the template writes any BOS itself, so the text is tokenized without special tokens.
+    """
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer; this engine has none")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model has no chat template: pass chat_template=")
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("add_generation_prompt and continue_final_message exclude each other")
+    text = tokenizer.apply_chat_template(
+        conversation,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=False,
+        **(chat_template_kwargs or {}),
+    )
+    return {
+        "prompt": text,
+        "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
+    }

@@ -1,4 +1,4 @@
-"""The `pagedllm` command: `generate`, `chat`, `bench throughput` (more subcommands join here)."""
+"""The `pagedllm` command: `generate`, `chat`, `serve`, `download`, `bench throughput|startup|serve`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default per command)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from pagedllm.benchmarks import startup, throughput
+    from pagedllm.benchmarks import latency, startup, throughput
+    from pagedllm.benchmarks import serve as bench_serve
     from pagedllm.entrypoints import interactive
+    from pagedllm.entrypoints.openai import cli_args as serve_args
 
     _command(
         sub,
@@ -31,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         "an interactive multi-turn chat in the terminal",
         interactive.add_chat_args,
         interactive.run_chat,
+    )
+    _command(
+        sub,
+        "serve",
+        "the OpenAI-compatible HTTP server (FastAPI + uvicorn)",
+        serve_args.add_serve_args,
+        _serve,
+        "INFO",
     )
     _command(
         sub,
@@ -53,10 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _command(
         bench_sub,
+        "latency",
+        "T2: one request at a time: time to first token, decode tok/s (and the GPU bound)",
+        latency.add_cli_args,
+        latency.main,
+        "INFO",
+    )
+    _command(
+        bench_sub,
         "startup",
         "fresh process → first token (convert, cold, warm)",
         startup.add_cli_args,
         startup.main,
+    )
+    _command(
+        bench_sub,
+        "serve",
+        "T4: an OpenAI-compatible server under load (TTFT, TPOT, ITL, throughput)",
+        bench_serve.add_cli_args,
+        bench_serve.main,
     )
     return parser
 
@@ -73,6 +98,12 @@ def _command(
     if add_args is not None:
         add_args(parser)
     parser.set_defaults(func=func, default_log_level=log_level)
+
+
+def _serve(ns: argparse.Namespace) -> None:
+    from pagedllm.entrypoints.openai.api_server import run_server
+
+    run_server(ns)
 
 
 def _download(ns: argparse.Namespace) -> None:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server (`pagedllm serve`): FastAPI app, protocol models, handlers."""

@@ -1,0 +1,283 @@
+"""What the completion and chat handlers share: the served model's names, prompt checks against
+the context length and the vocabulary, SamplingParams with the engine's own checks, logprobs in
+OpenAI's two shapes, server-sent events, and merging several request streams into one.
+
+Everything a request can get wrong is checked here, before it reaches the engine, so a stream
+fails with an HTTP 400 rather than after its 200 headers; what the engine still refuses
+(ValueError) becomes an error event inside the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pagedllm.engine.exceptions import EngineDeadError
+from pagedllm.entrypoints.openai.errors import OpenAIError, error_body, to_openai_error
+from pagedllm.entrypoints.openai.protocol import (
+    ChatLogProb,
+    ChatLogProbs,
+    ChatLogProbsContent,
+    CompletionLogProbs,
+    PromptLogprob,
+    PromptLogprobsOut,
+)
+from pagedllm.outputs import CompletionOutput, Logprob, PromptLogprobs, SampleLogprobs
+from pagedllm.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+# JSON has no -inf: a token the model rules out gets this logprob instead (as vLLM does).
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The server's own settings (the engine's live in its EngineConfig)."""
+
+    served_model_names: tuple[str, ...]
+    model_path: str
+    chat_template: str | None = None
+    max_logprobs: int = 20
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def sse_error(exc: BaseException) -> str:
+    """An error that happens after a stream's 200 headers: one event carrying the error body."""
+    err = to_openai_error(exc)
+    return sse(error_body(err.message, err.status, err.param, err.code).model_dump_json())
+
+
+def nothing_to_send(text: str, out: CompletionOutput, wants_logprobs: bool) -> bool:
+    """A streamed step with no text and no finish: only new tokens whose text waits for more
+    bytes (part of a character); worth a chunk only for their logprobs."""
+    return not text and out.finish_reason is None and not (wants_logprobs and out.token_ids)
+
+
+class OpenAIServing:
+    def __init__(self, engine: Any, config: ServingConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len: int = self.model_config.max_model_len
+        self.vocab_size: int = self.model_config.vocab_size
+        self.model_name = config.served_model_names[0]
+
+    # ----- checks -----
+
+    def check_model(self, name: str | None) -> None:
+        """The request's model must be one of the served names (none given: the first)."""
+        if name is not None and name not in self.config.served_model_names:
+            raise OpenAIError(
+                f"The model `{name}` does not exist. This server serves: "
+                f"{', '.join(self.config.served_model_names)}",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_engine(self) -> None:
+        """A dead engine fails the request at once, with a 503 rather than a broken stream."""
+        if self.engine.errored:
+            raise EngineDeadError("the engine process is gone")
+
+    def need_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise OpenAIError(f"{what} needs a tokenizer; this server's model has none")
+        return self.tokenizer
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        if not ids:
+            raise OpenAIError(f"{param} is empty", param=param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OpenAIError(
+                f"{param} holds token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}",
+                param=param,
+            )
+
+    def max_tokens_for(self, prompt_len: int, requested: int | None, param: str) -> int:
+        """How many tokens the request may generate: what it asked for, capped by the room the
+        context leaves (as vLLM does); all of that room when it did not ask."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                f"prompt has {prompt_len} tokens; it must be shorter, to leave room for at least "
+                f"one generated token.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return room
+        return min(requested, room) if requested >= 1 else requested
+
+    def sampling_params(self, request: Any, max_tokens: int) -> SamplingParams:
+        """The request's SamplingParams, checked as the engine will check them."""
+        if request.stream and request.prompt_logprobs is not None:
+            raise OpenAIError(
+                "prompt_logprobs is not supported with stream=true", param="prompt_logprobs"
+            )
+        fields = tuple(type(request).model_fields)
+        try:
+            params: SamplingParams = request.to_sampling_params(max_tokens)
+            params.verify_for_engine(self.vocab_size, self.config.max_logprobs)
+        except ValueError as e:
+            raise to_openai_error(e, fields) from e
+        return params
+
+    # ----- logprobs -----
+
+    def _token_text(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return str(self.tokenizer.decode([token_id]))
+
+    def completion_logprobs(
+        self,
+        token_ids: Sequence[int],
+        entries: SampleLogprobs | PromptLogprobs,
+        text_offset: int,
+    ) -> CompletionLogProbs:
+        """The legacy completions shape: per token its text, logprob, the sampled token and the
+        top-N as {text: logprob}, and where its text starts in the choice's text."""
+        out = CompletionLogProbs()
+        for token_id, entry in zip(token_ids, entries):
+            chosen = entry.get(token_id) if entry is not None else None
+            text = self._token_text(token_id, chosen)
+            out.tokens.append(text)
+            out.text_offset.append(text_offset)
+            text_offset += len(text)
+            if entry is None or chosen is None:  # the first prompt token has no logprob
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(max(chosen.logprob, MIN_LOGPROB))
+            top: dict[str, float] = {}
+            for t, lp in sorted(entry.items(), key=lambda kv: _rank(kv[1])):
+                # NOTE: tokens with the same text (pieces of one character) share a key: the
+                # best one keeps it.
+                top.setdefault(self._token_text(t, lp), max(lp.logprob, MIN_LOGPROB))
+            out.top_logprobs.append(top)
+        return out
+
+    def prompt_logprobs(
+        self, request: Any, entries: PromptLogprobs | None
+    ) -> PromptLogprobsOut | None:
+        """vLLM's `prompt_logprobs` field, when the request asked for it."""
+        if request.prompt_logprobs is None or entries is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                t: PromptLogprob(
+                    logprob=max(lp.logprob, MIN_LOGPROB),
+                    rank=lp.rank,
+                    decoded_token=self._token_text(t, lp),
+                )
+                for t, lp in entry.items()
+            }
+            for entry in entries
+        ]
+
+    def chat_logprobs(
+        self, token_ids: Sequence[int], entries: SampleLogprobs, num_top: int
+    ) -> ChatLogProbs:
+        """The chat shape: per token its text, logprob and UTF-8 bytes, and exactly the top
+        `num_top` candidates by rank."""
+        content = []
+        for token_id, entry in zip(token_ids, entries):
+            chosen = entry[token_id]
+            top = sorted(
+                ((t, lp) for t, lp in entry.items() if _rank(lp) <= num_top),
+                key=lambda kv: _rank(kv[1]),
+            )
+            content.append(
+                ChatLogProbsContent(
+                    **self._chat_logprob(token_id, chosen).model_dump(),
+                    top_logprobs=[self._chat_logprob(t, lp) for t, lp in top],
+                )
+            )
+        return ChatLogProbs(content=content)
+
+    def _chat_logprob(self, token_id: int, lp: Logprob) -> ChatLogProb:
+        text = self._token_text(token_id, lp)
+        return ChatLogProb(
+            token=text, logprob=max(lp.logprob, MIN_LOGPROB), bytes=list(text.encode("utf-8"))
+        )
+
+
+def _rank(lp: Logprob) -> float:
+    return float("inf") if lp.rank is None else lp.rank
+
+
+async def collect_final(gen: AsyncGenerator[T, None]) -> T | None:
+    """The last item of a stream (its only one for FINAL_ONLY outputs); closing it whatever
+    happens, so a cancelled caller aborts the request in the engine."""
+    last = None
+    async with aclosing(gen):
+        async for item in gen:
+            last = item
+    return last
+
+
+async def gather_or_cancel(*coros: Any) -> list[Any]:
+    """asyncio.gather that, when one fails or the caller is cancelled, cancels the others and
+    waits for them (so their requests are aborted) before raising."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def merge_async_iterators(
+    *iterators: AsyncGenerator[T, None],
+) -> AsyncIterator[tuple[int, T]]:
+    """Items of several streams as they come, tagged with their stream's index. Closing the
+    merged stream closes every input (each aborts its request)."""
+    if len(iterators) == 1:
+        async with aclosing(iterators[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    item = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(iterators[i]))] = i
+                yield i, item
+    finally:
+        for fut in pending:
+            fut.cancel()
+        # NOTE: a generator cannot be closed while a cancelled __anext__ still runs in it.
+        await asyncio.gather(*pending, return_exceptions=True)
+        for it in iterators:
+            await it.aclose()
