@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -36,11 +37,16 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
+    phases = _time_phases(engine)
     start = time.perf_counter()
     for _ in range(20):
         engine.step()
     sync()
     wall = (time.perf_counter() - start) / 20
+    print("host phases per step (execute includes the wait for the GPU):")
+    for name, total in phases.items():
+        print(f"  {name:<40} {total / 20 * 1e3:7.2f} ms")
+    phases.clear()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(ns.steps):
@@ -54,6 +60,32 @@ def main() -> None:
     )
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(averages.table(sort_by=sort, row_limit=15, max_name_column_width=60))
+
+
+def _time_phases(engine: object) -> dict[str, float]:
+    """Wraps the step's phases with timers; returns the dict they add seconds to."""
+    phases: dict[str, float] = defaultdict(float)
+    core = engine.engine_core  # type: ignore[attr-defined]
+    runner = core.executor.worker.model_runner
+    targets = [
+        (core.scheduler, "schedule", "schedule"),
+        (core.executor, "execute_model", "execute_model"),
+        (runner, "_prepare_inputs", "  prepare inputs"),
+        (runner.input_batch, "make_sampling_metadata", "  sampling metadata"),
+        (core.scheduler, "update_from_output", "scheduler update"),
+        (engine.output_processor, "process_outputs", "output processing"),  # type: ignore[attr-defined]
+    ]
+    for obj, attr, name in targets:
+        fn = getattr(obj, attr)
+
+        def timed(*args: object, _fn=fn, _name=name, **kwargs: object) -> object:
+            t = time.perf_counter()
+            result = _fn(*args, **kwargs)
+            phases[_name] += time.perf_counter() - t
+            return result
+
+        setattr(obj, attr, timed)
+    return phases
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ in the same run, HF transformers `generate` in static batches, so the ratio is m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 
-from pagedllm.benchmarks.workloads import BenchRequest, t1_requests
+from pagedllm.benchmarks.workloads import BenchRequest, t1_requests, t3_requests
 from pagedllm.config import EngineConfig
 from pagedllm.engine_args import EngineArgs
 
@@ -42,8 +43,23 @@ class ThroughputResult:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="pagedllm", help="pagedllm, hf, or both: pagedllm,hf")
-    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument(
+        "--backend",
+        default="pagedllm",
+        help="comma-separated runs, in one process: pagedllm, pagedllm-no-prefix-caching, hf",
+    )
+    parser.add_argument(
+        "--workload",
+        default="t1",
+        choices=["t1", "t3"],
+        help="t1: random lengths; t3: shared prefix",
+    )
+    parser.add_argument("--num-prompts", type=int, default=None, help="default: 256 (t1), 200 (t3)")
+    parser.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="(GPU) measure copy bandwidth and matmul rate; report the workload's lower bound",
+    )
     parser.add_argument(
         "--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX")
     )
@@ -58,7 +74,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pagedllm(
-    args: EngineArgs, requests: list[BenchRequest], temperature: float
+    args: EngineArgs, requests: list[BenchRequest], temperature: float, name: str = "pagedllm"
 ) -> ThroughputResult:
     from pagedllm import LLM, SamplingParams
 
@@ -71,8 +87,11 @@ def run_pagedllm(
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    _free_device_memory()
     return ThroughputResult(
-        "pagedllm",
+        name,
         len(requests),
         elapsed,
         sum(len(r.prompt_token_ids) for r in requests),
@@ -128,30 +147,51 @@ def run_hf(
 def main(ns: argparse.Namespace) -> list[ThroughputResult]:
     engine_args = EngineArgs.from_cli_args(ns)
     config = engine_args.create_engine_config()
-    requests = t1_requests(
-        ns.num_prompts,
-        tuple(ns.input_len),
-        tuple(ns.output_len),
-        config.model_config.vocab_size,
-        ns.workload_seed,
-    )
+    vocab = config.model_config.vocab_size
+    if ns.workload == "t3":
+        requests = t3_requests(ns.num_prompts or 200, vocab_size=vocab, seed=ns.workload_seed)
+    else:
+        requests = t1_requests(
+            ns.num_prompts or 256,
+            tuple(ns.input_len),
+            tuple(ns.output_len),
+            vocab,
+            ns.workload_seed,
+        )
     results = []
     for backend in ns.backend.split(","):
         if backend == "pagedllm":
             results.append(run_pagedllm(engine_args, requests, ns.temperature))
+        elif backend == "pagedllm-no-prefix-caching":
+            no_cache = dataclasses.replace(engine_args, enable_prefix_caching=False)
+            results.append(run_pagedllm(no_cache, requests, ns.temperature, backend))
         elif backend == "hf":
             results.append(run_hf(config, requests, ns.temperature, ns.hf_batch_size))
         else:
-            raise ValueError(f"unknown backend {backend!r}: use pagedllm, hf or pagedllm,hf")
+            raise ValueError(
+                f"unknown backend {backend!r}: use pagedllm, pagedllm-no-prefix-caching or hf"
+            )
     print(
         f"model {config.model_config.model} ({config.model_config.dtype}, "
         f"{config.device_config.device}), {len(requests)} requests"
     )
     for r in results:
         print(r.line())
-    if len(results) == 2:
-        ratio = results[0].output_tok_per_s / results[1].output_tok_per_s
-        print(f"ratio {results[0].backend}/{results[1].backend} (output tok/s): {ratio:.2f}x")
+    for other in results[1:]:
+        ratio = results[0].output_tok_per_s / other.output_tok_per_s
+        print(f"ratio {results[0].backend}/{other.backend} (output tok/s): {ratio:.2f}x")
+    if ns.ceilings and config.device_config.device == "cuda":
+        from pagedllm.benchmarks.ceilings import lower_bound_s, measure_ceilings
+
+        ceilings = measure_ceilings()
+        bound = sum(r.output_len for r in requests) / lower_bound_s(
+            config.model_config, requests, ceilings
+        )
+        print(ceilings.line())
+        print(
+            f"lower bound {bound:,.0f} output tok/s; {results[0].backend} reached "
+            f"{results[0].output_tok_per_s / bound:.2f} of it"
+        )
     if ns.output_json:
         with open(ns.output_json, "w") as f:
             json.dump(
@@ -170,3 +210,14 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
                 indent=2,
             )
     return results
+
+
+def _free_device_memory() -> None:
+    """Lets the next run of the same process have the GPU memory back."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -31,3 +31,20 @@ def t1_requests(
         BenchRequest([tok_rng.randrange(vocab_size) for _ in range(n_in)], n_out)
         for n_in, n_out in lens
     ]
+
+
+def t3_requests(
+    num_prompts: int = 200,
+    prefix_len: int = 2000,
+    suffix_len: int = 100,
+    output_len: int = 64,
+    vocab_size: int = 32000,
+    seed: int = 0,
+) -> list[BenchRequest]:
+    """T3: one shared prefix, then a unique suffix per request (ids uniform, Random(seed))."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(vocab_size) for _ in range(prefix_len)]
+    return [
+        BenchRequest(prefix + [rng.randrange(vocab_size) for _ in range(suffix_len)], output_len)
+        for _ in range(num_prompts)
+    ]

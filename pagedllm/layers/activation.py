@@ -6,10 +6,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagedllm.layers import fused
+
 
 class SiluAndMul(nn.Module):
     """`[..., 2 * d] → [..., d]`: `silu(x[..., :d]) * x[..., d:]` (gate first, then up)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(x):
+            return fused.kernels().silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

@@ -11,6 +11,8 @@ from typing import overload
 import torch
 from torch import nn
 
+from pagedllm.layers import fused
+
 
 class RMSNorm(nn.Module):
     """`x / rms(x) * weight` over the last dimension."""
@@ -38,6 +40,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`norm(x)`; with `residual`, `(norm(x + residual), x + residual)`."""
+        if fused.enabled(x):
+            if residual is None:
+                return fused.kernels().rms_norm(x, self.weight, self.eps)
+            return fused.kernels().fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedllm.layers import fused
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -98,10 +100,17 @@ class RotaryEmbedding(nn.Module):
         # NOTE: float32 whatever the model dtype; cast to q's dtype at lookup, as HF does.
         self.register_buffer("cos_cache", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin_cache", freqs.sin() * scaling, persistent=False)
+        self.fused_ok = fused.rotary_supported(head_dim, self.rotary_dim)
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated (q, k). With the fused kernel (2-D inputs), they are rotated in place."""
+        if self.fused_ok and query.dim() == 2 and fused.enabled(query):
+            fused.kernels().rotary_embedding_(
+                positions, query, key, self.cos_cache, self.sin_cache, self.head_dim
+            )
+            return query, key
         cos = self.cos_cache[positions].unsqueeze(-2)  # [T, 1, rotary_dim / 2]
         sin = self.sin_cache[positions].unsqueeze(-2)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)

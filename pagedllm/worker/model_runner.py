@@ -16,6 +16,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.layer import Attention
+from pagedllm.attention.utils import build_metadata
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedllm.forward_context import set_forward_context
@@ -80,6 +81,26 @@ class ModelRunner:
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.stager = HostStager(device)
         self.cuda_graphs: CudaGraphRunner | None = None
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compiles the attention kernels' variants before the first request, so that no
+        request waits for Triton's JIT: a prompt chunk beside a decode token, then a lone
+        decode over a long context (the split-KV path). Writes nothing to the KV cache."""
+        if self.device.type != "cuda":
+            return
+        max_len = self.config.model_config.max_model_len
+        chunk = min(256, max_len)
+        for query_lens, seq_lens in (([chunk, 1], [chunk, 2]), ([1], [max_len])):
+            tables = [[0] * cdiv(n, self.block_size) for n in seq_lens]
+            md = build_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
+            md.slot_mapping.fill_(-1)
+            n = md.num_actual_tokens
+            ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+            with set_forward_context(md):
+                hidden = self.model(ids, torch.zeros_like(ids))
+            self.model.compute_logits(hidden[-1:]).argmax(-1)
+        torch.cuda.synchronize(self.device)
 
     def capture_cuda_graphs(self) -> None:
         """Captures the decode graphs (after the KV cache is bound), unless the config says

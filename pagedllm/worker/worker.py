@@ -103,6 +103,7 @@ class Worker:
             num_blocks * cc.block_size,
             num_blocks * self.block_bytes / 2**30,
         )
+        self.model_runner.warm_up()
         self.model_runner.capture_cuda_graphs()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
