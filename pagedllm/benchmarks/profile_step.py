@@ -43,9 +43,8 @@ def main() -> None:
         engine.step()
     sync()
     wall = (time.perf_counter() - start) / 20
-    print("host phases per step (execute includes the wait for the GPU):")
-    for name, total in phases.items():
-        print(f"  {name:<40} {total / 20 * 1e3:7.2f} ms")
+    print("phases per step:")
+    print_phases(phases, 20)
     phases.clear()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -63,13 +62,14 @@ def main() -> None:
 
 
 def _time_phases(engine: object) -> dict[str, float]:
-    """Wraps the step's phases with timers; returns the dict they add seconds to."""
+    """Wraps the step's phases with timers; returns the dict they add seconds to. The model
+    runner's step is split by kind: decode-only steps and steps with prompt tokens."""
     phases: dict[str, float] = defaultdict(float)
     core = engine.engine_core  # type: ignore[attr-defined]
     runner = core.executor.worker.model_runner
     targets = [
+        (engine, "step", "engine step (all of it)"),
         (core.scheduler, "schedule", "schedule"),
-        (core.executor, "execute_model", "execute_model"),
         (runner, "_prepare_inputs", "  prepare inputs"),
         (runner.input_batch, "make_sampling_metadata", "  sampling metadata"),
         (core.scheduler, "update_from_output", "scheduler update"),
@@ -85,7 +85,27 @@ def _time_phases(engine: object) -> dict[str, float]:
             return result
 
         setattr(obj, attr, timed)
+    execute = core.executor.execute_model
+
+    def timed_execute(out: object) -> object:
+        t = time.perf_counter()
+        result = execute(out)
+        counts = out.num_scheduled_tokens.values()  # type: ignore[attr-defined]
+        kind = "decode-only" if all(n == 1 for n in counts) else "with prompt tokens"
+        phases[f"execute_model, {kind} (waits for the GPU)"] += time.perf_counter() - t
+        phases[f"steps {kind} (count)"] += 1
+        return result
+
+    core.executor.execute_model = timed_execute
     return phases
+
+
+def print_phases(phases: dict[str, float], per: int = 1) -> None:
+    for name, total in sorted(phases.items()):
+        if name.endswith("(count)"):
+            print(f"  {name:<52} {int(total):>9}")
+        else:
+            print(f"  {name:<52} {total / per * 1e3:9.2f} ms")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-prompts", type=int, default=None, help="default: 256 (t1), 200 (t3)")
     parser.add_argument(
+        "--profile-phases",
+        action="store_true",
+        help="time the engine's step phases over the whole run and print the totals",
+    )
+    parser.add_argument(
         "--ceilings",
         action="store_true",
         help="(GPU) measure copy bandwidth and matmul rate; report the workload's lower bound",
@@ -74,11 +79,20 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pagedllm(
-    args: EngineArgs, requests: list[BenchRequest], temperature: float, name: str = "pagedllm"
+    args: EngineArgs,
+    requests: list[BenchRequest],
+    temperature: float,
+    name: str = "pagedllm",
+    profile_phases: bool = False,
 ) -> ThroughputResult:
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(**vars(args))
+    phases = None
+    if profile_phases:
+        from pagedllm.benchmarks.profile_step import _time_phases
+
+        phases = _time_phases(llm.llm_engine)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [
         SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True)
@@ -87,6 +101,11 @@ def run_pagedllm(
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
+    if phases is not None:
+        from pagedllm.benchmarks.profile_step import print_phases
+
+        print(f"{name}: phases over the whole run ({elapsed:.2f} s):")
+        print_phases(phases)
     llm.llm_engine.engine_core.shutdown()
     del llm
     _free_device_memory()
@@ -161,7 +180,11 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
     results = []
     for backend in ns.backend.split(","):
         if backend == "pagedllm":
-            results.append(run_pagedllm(engine_args, requests, ns.temperature))
+            results.append(
+                run_pagedllm(
+                    engine_args, requests, ns.temperature, profile_phases=ns.profile_phases
+                )
+            )
         elif backend == "pagedllm-no-prefix-caching":
             no_cache = dataclasses.replace(engine_args, enable_prefix_caching=False)
             results.append(run_pagedllm(no_cache, requests, ns.temperature, backend))

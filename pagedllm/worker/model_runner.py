@@ -86,7 +86,10 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compiles the attention kernels' variants before the first request, so that no
         request waits for Triton's JIT: a prompt chunk beside a decode token, then a lone
-        decode over a long context (the split-KV path). Writes nothing to the KV cache."""
+        decode over a long context (the split-KV path).
+
+        NOTE: every position maps to block 0, which gets finite garbage; harmless, as a block's
+        slots are always written before they are read once a request owns it."""
         if self.device.type != "cuda":
             return
         max_len = self.config.model_config.max_model_len
@@ -94,7 +97,6 @@ class ModelRunner:
         for query_lens, seq_lens in (([chunk, 1], [chunk, 2]), ([1], [max_len])):
             tables = [[0] * cdiv(n, self.block_size) for n in seq_lens]
             md = build_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
-            md.slot_mapping.fill_(-1)
             n = md.num_actual_tokens
             ids = torch.zeros(n, dtype=torch.int64, device=self.device)
             with set_forward_context(md):

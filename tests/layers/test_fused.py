@@ -4,8 +4,8 @@ Without a GPU they run on CPU tensors under Triton's interpreter (set before tri
 in fp32 and fp16; on a GPU also in bf16 at serving shapes. The torch ops are the reference: the
 eager path of `RMSNorm`, `SiluAndMul` and `RotaryEmbedding` (which the layers take on the CPU).
 Half-precision results may differ by one rounding step, from the order of the fp32 sum of squares
-(RMSNorm) or of SiLU's fp32 math; the rotary kernel repeats HF's roundings exactly (bit-equal,
-except fp32 on a GPU, where the compiler contracts a product and a sum into one FMA).
+(RMSNorm) or of SiLU's fp32 math; the rotary kernel is written to repeat HF's roundings and is
+bit-equal under the interpreter (compiled on a GPU: within one rounding step).
 """
 
 from __future__ import annotations
@@ -113,9 +113,11 @@ def test_rotary_in_place_on_qkv_views(
         positions.to(DEVICE), dq, dk,
         rotary.cos_cache.to(DEVICE), rotary.sin_cache.to(DEVICE), head_dim,
     )  # fmt: skip
-    if dtype == torch.float32 and DEVICE == "cuda":
-        # NOTE: fp32 on a GPU: the compiler fuses x1 * cos - x2 * sin into an FMA (one rounding
-        # fewer than torch's two kernels); half dtypes round each product explicitly.
+    if DEVICE == "cuda":
+        # NOTE: compiled, the kernel differs from torch's ops by one rounding step in about a
+        # fifth of the elements (fp32: products and sums contract into FMAs; fp16/bf16: the
+        # casts between ops that repeat HF's roundings are not all kept). The interpreter runs
+        # the kernel as written, and there it is bit-equal.
         _close(dq, expected_q, dtype)
         _close(dk, expected_k, dtype)
     else:

@@ -19,7 +19,10 @@ the `[2, ...]` cache); block table `[num_reqs, width]`, seq lens and query start
 Row `r` of a program's tile is query token `r // G` of its block and head `kv_head * G + r % G`.
 
 NOTE: grid sizes come from host ints only (`num_reqs`, `num_actual_tokens`); nothing here
-reads a device tensor on the host.
+reads a device tensor on the host. Integer arguments that change from step to step (request
+count, block-table width, split count) are marked `do_not_specialize`: Triton otherwise compiles
+a new variant whenever one of them turns divisible by 16 or equal to 1 (a second or more each,
+in the middle of serving).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ _M_INIT = tl.constexpr(-1.0e30)
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _reshape_and_cache_kernel(
     key_ptr,
     value_ptr,
@@ -201,7 +204,9 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_reqs", "min_query_len", "num_splits", "window", "stride_bt"]
+)
 def _paged_attention_kernel(
     out_ptr,
     q_ptr,
@@ -325,7 +330,7 @@ def _paged_attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(
     out_ptr,
     part_acc_ptr,
