@@ -204,9 +204,7 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(
-    do_not_specialize=["num_reqs", "min_query_len", "num_splits", "window", "stride_bt"]
-)
+@triton.jit(do_not_specialize=["num_reqs", "min_query_len", "num_splits", "window", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr,
     q_ptr,
