@@ -147,11 +147,15 @@ def _payload(args: argparse.Namespace, model: str, p: BenchPrompt) -> dict[str, 
     return body
 
 
-def _chunk_text(obj: dict[str, Any]) -> str:
-    text = ""
+def _is_token_chunk(obj: dict[str, Any]) -> bool:
+    """Whether a streamed chunk carries generated tokens: some text, or (a server without a
+    tokenizer streams token ids only) an unfinished completion choice with empty text."""
     for choice in obj.get("choices") or []:
-        text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-    return text
+        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+            return True
+        if "text" in choice and choice.get("finish_reason") is None:
+            return True
+    return False
 
 
 async def send_request(
@@ -183,7 +187,7 @@ async def send_request(
                 if obj.get("usage"):
                     result.output_tokens = obj["usage"].get("completion_tokens") or 0
                     result.prompt_len = obj["usage"].get("prompt_tokens") or prompt_len
-                if _chunk_text(obj):
+                if _is_token_chunk(obj):
                     now = time.perf_counter()
                     if num_chunks == 0:
                         result.ttft = now - start

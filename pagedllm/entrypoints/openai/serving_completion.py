@@ -178,7 +178,10 @@ class OpenAIServingCompletion(OpenAIServing):
                     started.add(index)
                     num_generated += len(out.token_ids)
                     text = (self._echo(prompts[i]) if echo else "") + out.text
-                    if nothing_to_send(text, out, request.logprobs is not None):
+                    # NOTE: without a tokenizer every text is empty: each step gets its chunk,
+                    # so clients still see the tokens arrive (and can time them).
+                    wants_logprobs = request.logprobs is not None
+                    if self.tokenizer is not None and nothing_to_send(text, out, wants_logprobs):
                         continue
                     offset = text_offsets.get(index, 0)
                     logprobs = self._choice_logprobs(
