@@ -37,7 +37,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
-    phases = _time_phases(engine)
+    phases = time_phases(engine)
     start = time.perf_counter()
     for _ in range(20):
         engine.step()
@@ -61,7 +61,7 @@ def main() -> None:
     print(averages.table(sort_by=sort, row_limit=15, max_name_column_width=60))
 
 
-def _time_phases(engine: object) -> dict[str, float]:
+def time_phases(engine: object) -> dict[str, float]:
     """Wraps the step's phases with timers; returns the dict they add seconds to. The model
     runner's step is split by kind: decode-only steps and steps with prompt tokens."""
     phases: dict[str, float] = defaultdict(float)

@@ -90,9 +90,9 @@ def run_pagedllm(
     llm = LLM(**vars(args))
     phases = None
     if profile_phases:
-        from pagedllm.benchmarks.profile_step import _time_phases
+        from pagedllm.benchmarks.profile_step import time_phases
 
-        phases = _time_phases(llm.llm_engine)
+        phases = time_phases(llm.llm_engine)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [
         SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True)

@@ -13,6 +13,8 @@ On the CPU there is nothing to copy: arrays become tensors sharing their memory.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -32,7 +34,7 @@ class _PinnedArena:
         self._retired.clear()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if self._offset + nbytes > self._buf.numel():
             self._retired.append(self._buf)
             size = max(2 * self._buf.numel(), 2 * nbytes)
