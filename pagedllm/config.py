@@ -154,5 +154,7 @@ class EngineConfig:
     device_config: DeviceConfig
     attention_backend: str | None = None  # None: the best one for the device
     enforce_eager: bool = False
+    # Schedule and launch step N+1 before step N's sampled ids reach the host (see EngineCore).
+    async_scheduling: bool = False
     max_logprobs: int = 20
     disable_log_stats: bool = True

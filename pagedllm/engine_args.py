@@ -75,6 +75,10 @@ class EngineArgs:
         default=None, metadata=_help("torch, triton (default: best)")
     )
     enforce_eager: bool = field(default=False, metadata=_help("no CUDA graphs"))
+    async_scheduling: bool | None = field(
+        default=None,
+        metadata=_help("prepare the next step while the GPU runs this one (default: on for CUDA)"),
+    )
     max_logprobs: int = field(default=20, metadata=_help("most logprobs a request may ask for"))
     tensor_parallel_size: int = field(default=1, metadata=_help("GPUs per model replica"))
     disable_log_stats: bool = field(default=True, metadata=_help("no periodic stats in the log"))
@@ -88,7 +92,7 @@ class EngineArgs:
                 continue
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool, "bool | None"):
                 parser.add_argument(
                     flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
                 )
@@ -136,6 +140,9 @@ class EngineArgs:
             device_config=DeviceConfig(device=device),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            async_scheduling=(
+                device == "cuda" if self.async_scheduling is None else self.async_scheduling
+            ),
             max_logprobs=self.max_logprobs,
             disable_log_stats=self.disable_log_stats,
         )

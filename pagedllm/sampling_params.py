@@ -170,6 +170,17 @@ class SamplingParams:
                     f"{name} holds token ids outside the vocabulary (size {vocab_size}): {bad[:5]}"
                 )
 
+    @property
+    def needs_token_history(self) -> bool:
+        """Whether sampling reads the ids of the tokens sampled before (penalties, bad words):
+        then a step cannot be prepared before the previous step's ids reach the host."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.bad_words_token_ids
+        )
+
     def clone(self) -> SamplingParams:
         """A copy whose containers can be changed without touching this one's."""
         new = copy.copy(self)

@@ -3,7 +3,7 @@
 - CUDA graphs: greedy tokens of tiny fp32 models with decode graphs (the default) equal those of
   eager steps (`enforce_eager`), of the torch-reference attention backend, and of HF `generate`;
   batch sizes between the captured sizes exercise the padding rows. Seeded sampling gives the
-  same tokens with and without graphs.
+  same tokens with and without graphs, and with and without async scheduling.
 - bf16 at the llama3-8b shape: the engine's log-probabilities (prompt and generated tokens)
   against HF transformers on the same random weights in fp32, with a tolerance calibrated by HF's
   own bf16 error on the same inputs.
@@ -50,6 +50,7 @@ def test_cuda_graphs_match_eager_reference_and_hf(arch, tiny_model_dirs) -> None
     prompts = _prompts(99)
     common = dict(dtype="float32", max_model_len=512, kv_cache_memory="256MiB")
     graphs = LLM(path, **common)
+    assert graphs.llm_engine.engine_core.async_scheduling, "the default on CUDA"
     runner = _graph_runner(graphs)
     assert runner is not None and 48 in runner.sizes
     got = _run(graphs, prompts, temperature=0)
@@ -65,6 +66,10 @@ def test_cuda_graphs_match_eager_reference_and_hf(arch, tiny_model_dirs) -> None
 
     seeded = dict(temperature=0.8, top_p=0.9, seed=7)
     assert _run(graphs, prompts, **seeded) == _run(eager, prompts, **seeded)
+    # One step at a time (no async scheduling) gives the same tokens.
+    sync = LLM(path, async_scheduling=False, **common)
+    assert _run(sync, prompts, temperature=0) == got
+    assert _run(sync, prompts, **seeded) == _run(graphs, prompts, **seeded)
 
 
 def test_llama3_8b_shape_bf16_logprobs_close_to_fp32_reference() -> None:

@@ -50,6 +50,9 @@ class AttentionImpl(ABC):
     # True when `forward` reads no device tensor on the host, so a step can be captured in a
     # CUDA graph and replayed with new metadata values (host ints fixed at capture).
     cuda_graph_safe = False
+    # True when `forward` reads K/V only from the cache, so a model may store this step's K/V
+    # there itself (a fused prologue kernel) and pass `kv_written=True` to skip the write.
+    accepts_prewritten_kv = False
 
     def __init__(
         self,
@@ -74,8 +77,12 @@ class AttentionImpl(ABC):
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # kv_cache_shape(...)
         metadata: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Writes this step's K/V into the cache at `slot_mapping`, then attends over the cache.
+
+        With `kv_written` (only where `accepts_prewritten_kv`), the caller has already stored
+        them and `key`/`value` are not read.
 
         NOTE: all of the step's K/V are written before any query reads: a request may read
         blocks that another request of the same step fills (a prefix-cache hit on a block

@@ -35,13 +35,26 @@ class Attention(nn.Module):
         self.impl = impl_cls(num_heads, head_dim, scale, num_kv_heads, sliding_window)
         self.kv_cache: torch.Tensor = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, num_heads * head_dim], k/v: [T, num_kv_heads * head_dim] → [T, num_heads * head_dim]."""
+    @property
+    def accepts_prewritten_kv(self) -> bool:
+        """Whether a model may store K/V in `kv_cache` itself and call `forward(kv_written=True)`."""
+        return self.impl.accepts_prewritten_kv
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False
+    ) -> torch.Tensor:
+        """q: [T, num_heads * head_dim], k/v: [T, num_kv_heads * head_dim] → [T, num_heads * head_dim].
+
+        `kv_written`: the caller stored this step's K/V in `kv_cache` (only with attention
+        metadata, on a backend that `accepts_prewritten_kv`); `k` and `v` are then not read.
+        """
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         metadata = get_forward_context().attn_metadata
+        if kv_written and (metadata is None or not self.impl.accepts_prewritten_kv):
+            raise ValueError("kv_written needs attention metadata and a backend that accepts it")
         if metadata is None:
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1),
@@ -52,5 +65,5 @@ class Attention(nn.Module):
                 enable_gqa=True,
             ).transpose(0, 1)
         else:
-            out = self.impl.forward(q, k, v, self.kv_cache, metadata)
+            out = self.impl.forward(q, k, v, self.kv_cache, metadata, kv_written=kv_written)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -70,11 +70,13 @@ class TorchRefAttention(AttentionImpl):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         num_tokens = metadata.num_actual_tokens
         # NOTE: rows past num_actual_tokens (batch padding) are neither cached nor attended; their
         # output is zero.
-        write_to_kv_cache(key[:num_tokens], value[:num_tokens], kv_cache, metadata.slot_mapping)
+        if not kv_written:
+            write_to_kv_cache(key[:num_tokens], value[:num_tokens], kv_cache, metadata.slot_mapping)
         output = torch.zeros_like(query)
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()

@@ -1,7 +1,8 @@
 """Attention micro-benchmark (CUDA): `TritonAttention` vs `TorchRefAttention` vs dense torch SDPA.
 
 Owns the standard attention shapes (Llama-3-8B layer: 32 query heads, 8 KV heads, head_dim 128,
-bf16, block size 16) and how they are timed: `triton.testing.do_bench` medians (L2 flushed
+bf16, block size 16; the `qwen3_*` decode cases: Qwen3-0.6B's 16 query heads over 8 KV heads,
+GQA 2) and how they are timed: `triton.testing.do_bench` medians (L2 flushed
 between runs), the Triton backend both eager and replayed from a CUDA graph (what a captured
 decode step costs, without Python launch overhead). Prints time, achieved K/V bandwidth
 (bytes of K/V attended / time) and, for prefill, TFLOP/s, plus the max |error| vs the reference.
@@ -34,6 +35,8 @@ class Case:
     name: str
     specs: list[tuple[int, int]]
     dense: bool  # equal lengths: dense SDPA applies
+    heads: int = NUM_HEADS
+    kv_heads: int = NUM_KV_HEADS
 
 
 CASES = [
@@ -45,6 +48,10 @@ CASES = [
     Case("decode_b256_2k", [(2047, 1)] * 256, True),
     Case("prefill_4k", [(0, 4096)], True),
     Case("mixed_chunk512_b128_1k", [(2048, 512)] + [(1023, 1)] * 128, False),
+    # Qwen3-0.6B: the same K/V bytes per token as Llama-3-8B, half the query heads.
+    Case("qwen3_decode_b128_1k", [(1023, 1)] * 128, True, heads=16),
+    Case("qwen3_decode_b256_1k", [(1023, 1)] * 256, True, heads=16),
+    Case("qwen3_decode_b256_2k", [(2047, 1)] * 256, True, heads=16),
 ]
 
 
@@ -72,16 +79,16 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cuda") -> Inputs:
     query_lens = [q for _, q in case.specs]
     metadata = build_metadata(query_lens, seq_lens, tables, BLOCK_SIZE, device)
     num_tokens = sum(query_lens)
-    shape = (2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    shape = (2, num_blocks, BLOCK_SIZE, case.kv_heads, HEAD_DIM)
     kv_cache = torch.randn(shape, device=device, dtype=dtype)
-    kv_bytes = 2 * sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * kv_cache.element_size()
+    kv_bytes = 2 * sum(seq_lens) * case.kv_heads * HEAD_DIM * kv_cache.element_size()
     flops = sum(
-        4.0 * NUM_HEADS * HEAD_DIM * q * (c + (q + 1) / 2) for c, q in case.specs
+        4.0 * case.heads * HEAD_DIM * q * (c + (q + 1) / 2) for c, q in case.specs
     )  # each query row attends to its position + 1 keys on average
     return Inputs(
-        query=torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device=device, dtype=dtype),
-        key=torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=dtype),
-        value=torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=dtype),
+        query=torch.randn(num_tokens, case.heads, HEAD_DIM, device=device, dtype=dtype),
+        key=torch.randn(num_tokens, case.kv_heads, HEAD_DIM, device=device, dtype=dtype),
+        value=torch.randn(num_tokens, case.kv_heads, HEAD_DIM, device=device, dtype=dtype),
         kv_cache=kv_cache,
         metadata=metadata,
         kv_bytes=kv_bytes,
@@ -114,8 +121,8 @@ def dense_sdpa_fn(case: Case, inp: Inputs) -> Callable[[], torch.Tensor]:
     """Plain SDPA on contiguous `[B, H, S, D]` K/V of the same sizes (no paging)."""
     batch, (ctx, q_len) = len(case.specs), case.specs[0]
     seq = ctx + q_len
-    q = inp.query.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2)
-    kv = torch.randn(2, batch, NUM_KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=q.dtype)
+    q = inp.query.view(batch, q_len, case.heads, HEAD_DIM).transpose(1, 2)
+    kv = torch.randn(2, batch, case.kv_heads, seq, HEAD_DIM, device="cuda", dtype=q.dtype)
     causal = q_len > 1 and ctx == 0
     return lambda: F.scaled_dot_product_attention(
         q, kv[0], kv[1], is_causal=causal, scale=HEAD_DIM**-0.5, enable_gqa=True
@@ -126,10 +133,12 @@ def forward_fn(impl: AttentionImpl, inp: Inputs) -> Callable[[], torch.Tensor]:
     return lambda: impl.forward(inp.query, inp.key, inp.value, inp.kv_cache, inp.metadata)
 
 
-def triton_impl(num_kv_splits: int | None = None) -> AttentionImpl:
+def triton_impl(
+    num_kv_splits: int | None = None, heads: int = NUM_HEADS, kv_heads: int = NUM_KV_HEADS
+) -> AttentionImpl:
     from pagedllm.attention.triton.backend import TritonAttention
 
-    impl = TritonAttention(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
+    impl = TritonAttention(heads, HEAD_DIM, HEAD_DIM**-0.5, kv_heads)
     impl.num_kv_splits = num_kv_splits
     return impl
 
@@ -146,18 +155,17 @@ def report(case: Case, label: str, ms: float, inp: Inputs, err: float | None = N
 
 def run_case(case: Case, dtype: torch.dtype) -> None:
     inp = make_inputs(case, dtype)
-    ref = TorchRefAttention(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
+    ref = TorchRefAttention(case.heads, HEAD_DIM, HEAD_DIM**-0.5, case.kv_heads)
     expected = forward_fn(ref, inp)().float()
-    tri = triton_impl()
+    tri = triton_impl(heads=case.heads, kv_heads=case.kv_heads)
     err = (forward_fn(tri, inp)().float() - expected).abs().max().item()
     report(case, "triton (graph)", bench(as_graph(forward_fn(tri, inp))), inp, err)
     report(case, "triton (eager)", bench(forward_fn(tri, inp)), inp)
     is_decode = all(q == 1 for _, q in case.specs)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if is_decode and len(case.specs) * NUM_KV_HEADS < num_sms:  # auto splits: show without
-        report(
-            case, "triton no-split (graph)", bench(as_graph(forward_fn(triton_impl(1), inp))), inp
-        )
+    if is_decode and len(case.specs) * case.kv_heads < num_sms:  # auto splits: show without
+        no_split = triton_impl(1, case.heads, case.kv_heads)
+        report(case, "triton no-split (graph)", bench(as_graph(forward_fn(no_split, inp))), inp)
     report(case, "torch_ref (eager)", bench(forward_fn(ref, inp)), inp)
     if case.dense:
         report(case, "dense sdpa (graph)", bench(as_graph(dense_sdpa_fn(case, inp))), inp)
@@ -195,7 +203,9 @@ def tune(dtype: torch.dtype) -> None:
             bench(as_graph(launch(prefill, varlen_tiles=tiles))),
             prefill,
         )
-    for case in (CASES[3], CASES[0]):
+    decode_cases = {c.name: c for c in CASES}
+    for name in ("decode_b64_2k", "decode_b1_8k", "qwen3_decode_b256_1k"):
+        case = decode_cases[name]
         inp = make_inputs(case, dtype)
         for bn, warps, stages in [
             (32, 4, 2),
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
         f"triton {triton.__version__}, {args.dtype}; layer: {NUM_HEADS} heads, "
-        f"{NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, block {BLOCK_SIZE}"
+        f"{NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, block {BLOCK_SIZE} (qwen3_*: 16 heads)"
     )
     print(f"device-to-device copy: {copy_bandwidth():.0f} GB/s (read + write)", flush=True)
     for case in CASES:

@@ -1,16 +1,21 @@
-"""The fused kernels against the eager torch ops they replace (GPU), at llama3-8b shapes.
+"""The fused kernels against the ops they replace (GPU), at llama3-8b (and qwen3-0.6b) shapes.
 
     python -m pagedllm.benchmarks.ops
 
 For each op and token count: the time per call replayed from a CUDA graph (device time only, as
-in decode steps) and called eagerly (what a prompt step pays, launches included), torch ops vs
-the fused Triton kernel, in bf16.
+in decode steps) and called eagerly (what a prompt step pays, launches included), in bf16.
+First the elementwise kernels against eager torch ops; then the attention prologue
+(`rope_norm_and_cache_`, one launch) against the sequence it replaces, the separate kernels
+(q/k `rms_norm` for Qwen3, `rotary_embedding_`, the Triton backend's `reshape_and_cache`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pagedllm.attention.triton.kernels import reshape_and_cache
 from pagedllm.layers import fused_kernels
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.rotary import get_rope
@@ -60,6 +65,11 @@ def main() -> None:
           f"{'torch eager':>12}{'fused eager':>12}   (µs per call)")  # fmt: skip
     for tokens in (1, 256, 4096):
         _bench(tokens, norm, rope)
+    print(f"\n{'attention prologue':<28}{'tokens':>7}  {'split graph':>12}{'fused graph':>12}  "
+          f"{'split eager':>12}{'fused eager':>12}   (µs per call)")  # fmt: skip
+    for shape in PROLOGUE_SHAPES:
+        for tokens in (1, 256):
+            _bench_prologue(shape, tokens)
 
 
 def _bench(tokens: int, norm: RMSNorm, rope: torch.nn.Module) -> None:
@@ -92,6 +102,66 @@ def _bench(tokens: int, norm: RMSNorm, rope: torch.nn.Module) -> None:
             f"{name:<28}{tokens:>7}  {times[0]:>12.1f}{times[1]:>12.1f}  "
             f"{times[2]:>12.1f}{times[3]:>12.1f}"
         )
+
+
+@dataclass(frozen=True)
+class PrologueShape:
+    """One layer's attention prologue: heads, KV heads, head dim, rope, per-head q/k norm."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope: dict
+    qk_norm: bool
+
+
+PROLOGUE_SHAPES = [
+    PrologueShape("llama3-8b", HEADS, KV_HEADS, HEAD_DIM, ROPE, False),
+    PrologueShape(
+        "qwen3-0.6b", 16, 8, 128, {"rope_type": "default", "rope_theta": 1000000.0}, True
+    ),
+]
+
+
+def _bench_prologue(
+    shape: PrologueShape, tokens: int, block_size: int = 16, dev: str = "cuda"
+) -> None:
+    """The fused prologue vs the separate kernels, on views of one qkv projection output."""
+    dt = torch.bfloat16
+    d = shape.head_dim
+    q_size, kv_size = shape.heads * d, shape.kv_heads * d
+    rope = get_rope(d, 8192, shape.rope).to(dev)
+    qkv = torch.randn(tokens, q_size + 2 * kv_size, device=dev, dtype=dt)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
+    pos = torch.randint(0, 8192, (tokens,), device=dev)
+    num_blocks = max(64, 4 * tokens // block_size)
+    kv_cache = torch.zeros(2, num_blocks, block_size, shape.kv_heads, d, device=dev, dtype=dt)
+    slots = torch.randperm(num_blocks * block_size, device=dev)[:tokens]
+    w_q = torch.ones(d, device=dev, dtype=dt) if shape.qk_norm else None
+    w_k = torch.ones(d, device=dev, dtype=dt) if shape.qk_norm else None
+
+    def split() -> None:
+        qq, kk = q, k
+        if w_q is not None and w_k is not None:
+            qq = fused_kernels.rms_norm(q.view(tokens, -1, d), w_q, 1e-6).view(tokens, q_size)
+            kk = fused_kernels.rms_norm(k.view(tokens, -1, d), w_k, 1e-6).view(tokens, kv_size)
+        fused_kernels.rotary_embedding_(pos, qq, kk, rope.cos_cache, rope.sin_cache, d)
+        heads = (tokens, shape.kv_heads, d)
+        reshape_and_cache(kk.view(heads), v.view(heads), kv_cache, slots, tokens)
+
+    def fused() -> None:
+        fused_kernels.rope_norm_and_cache_(
+            pos, q, k, v, rope.cos_cache, rope.sin_cache, kv_cache, slots, tokens,
+            q_norm_weight=w_q, k_norm_weight=w_k, eps=1e-6,
+        )  # fmt: skip
+
+    times = [_per_call_us(f, g) for g in (True, False) for f in (split, fused)]
+    name = f"{shape.name}{' (+q/k norm)' if shape.qk_norm else ''}"
+    print(
+        f"{name:<28}{tokens:>7}  {times[0]:>12.1f}{times[1]:>12.1f}  "
+        f"{times[2]:>12.1f}{times[3]:>12.1f}"
+    )
 
 
 def _silu_ref(x: torch.Tensor) -> torch.Tensor:

@@ -85,18 +85,31 @@ def time_phases(engine: object) -> dict[str, float]:
             return result
 
         setattr(obj, attr, timed)
-    execute = core.executor.execute_model
+    launch, collect = core.executor.launch_model, core.executor.collect_output
 
-    def timed_execute(out: object) -> object:
-        t = time.perf_counter()
-        result = execute(out)
+    def kind_of(out: object) -> str:
         counts = out.num_scheduled_tokens.values()  # type: ignore[attr-defined]
-        kind = "decode-only" if all(n == 1 for n in counts) else "with prompt tokens"
-        phases[f"execute_model, {kind} (waits for the GPU)"] += time.perf_counter() - t
-        phases[f"steps {kind} (count)"] += 1
+        return "decode-only" if all(n == 1 for n in counts) else "with prompt tokens"
+
+    kinds: dict[int, str] = {}  # id of a launched step's handle → its kind
+
+    def timed_launch(out: object) -> object:
+        t = time.perf_counter()
+        handle = launch(out)
+        phases[f"launch, {kind_of(out)} (prepare + queue kernels)"] += time.perf_counter() - t
+        phases[f"steps {kind_of(out)} (count)"] += 1
+        kinds[id(handle)] = kind_of(out)
+        return handle
+
+    def timed_collect(handle: object) -> object:
+        kind = kinds.pop(id(handle), "launched before timing")
+        t = time.perf_counter()
+        result = collect(handle)
+        phases[f"collect, {kind} (waits for the GPU)"] += time.perf_counter() - t
         return result
 
-    core.executor.execute_model = timed_execute
+    core.executor.launch_model = timed_launch
+    core.executor.collect_output = timed_collect
     return phases
 
 

@@ -2,13 +2,20 @@
 
 It runs in the caller's process under `LLMEngine`, or in its own process under
 `EngineCoreProc` (core_proc.py) for `AsyncLLM`.
+
+With `async_scheduling` (the default on CUDA) one step stays in flight: each `step()` schedules
+and launches step N+1, then waits for step N's sampled ids and updates the scheduler with them.
+The host's work between two steps (scheduling, input preparation, output processing) then runs
+while the GPU computes, instead of between GPU steps. Steps fall back to one at a time while a
+live request samples with penalties or bad words (its sampler reads the ids just sampled).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Protocol
+from collections import deque
+from typing import Any, Protocol
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request, RequestStatus
@@ -24,6 +31,12 @@ class Executor(Protocol):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    def launch_model(self, scheduler_output: SchedulerOutput) -> Any:
+        """Starts a step without waiting for its results; `collect_output` returns them."""
+        ...
+
+    def collect_output(self, handle: Any) -> ModelRunnerOutput: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -38,6 +51,9 @@ class EngineCore:
         self._arrival_times: dict[str, float] = {}
         # Seconds each request first scheduled by the last step() had waited in the queue.
         self.step_queue_times: dict[str, float] = {}
+        self.async_scheduling = config.async_scheduling
+        # Launched steps whose results are not collected yet (at most two, oldest first).
+        self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -54,18 +70,37 @@ class EngineCore:
             self._arrival_times.pop(req_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
-        scheduler_output = self.scheduler.schedule()
-        self._record_queue_times(scheduler_output)
-        if scheduler_output.is_empty:
-            if scheduler_output.finished_req_ids:
-                # Let the worker drop ended requests even when nothing runs.
-                self.executor.execute_model(scheduler_output)
-            return []
-        runner_output = self.executor.execute_model(scheduler_output)
+        overlap = self.async_scheduling and not self.scheduler.num_history_reqs
+        outputs = [] if overlap else self._collect_all()
+        launched = False
+        if self.scheduler.has_unfinished_requests():
+            scheduler_output = self.scheduler.schedule()
+            self._record_queue_times(scheduler_output)
+            if not scheduler_output.is_empty:
+                handle = self.executor.launch_model(scheduler_output)
+                self._in_flight.append((scheduler_output, handle))
+                launched = True
+            elif scheduler_output.finished_req_ids or scheduler_output.preempted_req_ids:
+                # Let the worker drop ended and preempted requests even when nothing runs (a
+                # preemption can schedule nothing when the others' tokens in flight end them).
+                self.executor.launch_model(scheduler_output)
+        if self._in_flight and (not overlap or not launched or len(self._in_flight) > 1):
+            outputs += self._collect_oldest()
+        return outputs
+
+    def _collect_oldest(self) -> list[EngineCoreOutput]:
+        scheduler_output, handle = self._in_flight.popleft()
+        runner_output = self.executor.collect_output(handle)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _collect_all(self) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        while self._in_flight:
+            outputs += self._collect_oldest()
+        return outputs
 
     def _record_queue_times(self, scheduler_output: SchedulerOutput) -> None:
         self.step_queue_times = {}
@@ -86,4 +121,5 @@ class EngineCore:
         return stats
 
     def shutdown(self) -> None:
+        self._in_flight.clear()
         self.executor.shutdown()

@@ -53,7 +53,9 @@ _FINISH_REASON = {
 class Request:
     """A sequence: `num_tokens` known tokens, of which `num_computed_tokens` are in the KV cache.
 
-    NOTE: `num_computed_tokens <= num_tokens`; the scheduler hands out the difference.
+    NOTE: `num_computed_tokens <= num_tokens + num_output_placeholders`; the scheduler hands out
+    the difference. A placeholder is a token a step in flight will sample: the next step may
+    already compute its K/V (the worker feeds it the id straight from the device).
     """
 
     request_id: str
@@ -67,6 +69,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 until scheduled
     num_preemptions: int = 0
+    # Tokens sampled by steps still in flight (async scheduling): scheduled, ids not known yet.
+    num_output_placeholders: int = 0
     stop_reason: int | str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -82,6 +86,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

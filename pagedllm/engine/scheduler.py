@@ -8,6 +8,12 @@ steps, prefix-cache hits skip ahead, and one step mixes prompt chunks with decod
 When the KV cache runs out, the most recently arrived running request is preempted by
 recompute: its blocks are freed and it goes back to the front of the waiting queue with
 `num_computed_tokens = 0`; its tokens so far are kept, so its final output is unchanged.
+
+Async scheduling (EngineCore): `schedule()` may run while the previous step is still on the
+GPU. A request whose scheduled tokens reach its end will sample one: it counts as an output
+placeholder until `update_from_output` brings the id, and the next step may already compute it.
+A request whose placeholders will surely end it (max_tokens) is not scheduled again; one that
+stops on a token in flight costs one wasted row in the step after, whose result is dropped.
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ class Scheduler:
         # Ended since the last schedule(): the worker drops their state on the next step.
         self.finished_req_ids: set[str] = set()
         self.stats = SchedulerStats()
+        # Live requests whose sampling reads earlier token ids (penalties, bad words).
+        self.num_history_reqs = 0
 
     # ----- requests in and out -----
 
@@ -90,6 +98,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_history_reqs += request.sampling_params.needs_token_history
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
         return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -101,19 +110,23 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+            self._dequeue(request)
             request.status = status
             self._free(request)
             ended.append(request)
         return ended
 
+    def _dequeue(self, request: Request) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
+        self.num_history_reqs -= request.sampling_params.needs_token_history
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -134,7 +147,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if (
+                request.num_output_placeholders
+                and request.num_output_tokens + request.num_output_placeholders
+                >= request.max_tokens
+            ):
+                i += 1  # the tokens in flight end it
+                continue
+            num_new = min(
+                request.num_tokens_with_placeholders - request.num_computed_tokens, budget
+            )
             assert num_new > 0, "a running request always has a token to compute"
             new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
             while new_blocks is None:
@@ -208,6 +230,8 @@ class Scheduler:
             prompt_left = request.num_prompt_tokens - request.num_computed_tokens
             self.stats.num_prompt_tokens += min(max(prompt_left, 0), n)
             request.num_computed_tokens += n
+            if request.num_computed_tokens == request.num_tokens_with_placeholders:
+                request.num_output_placeholders += 1  # this step samples its next token
         self.stats.num_preemptions += len(preempted)
         return out
 
@@ -230,7 +254,8 @@ class Scheduler:
         ):
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
-                continue  # aborted during the step
+                continue  # ended during the step (aborted, or stopped by a token before it)
+            request.num_output_placeholders -= len(token_ids)
             new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None
             if not token_ids and new_prompt_logprobs is None:
                 continue  # a prompt chunk that sampled nothing
@@ -244,7 +269,8 @@ class Scheduler:
             if new_logprobs is not None and len(new_ids) < len(token_ids):
                 new_logprobs = _head(new_logprobs, len(new_ids))
             if request.is_finished:
-                self.running.remove(request)
+                # NOTE: a request preempted while its token was in flight ends from the queue.
+                (self.running if request in self.running else self.waiting).remove(request)
                 self._free(request)
             outputs.append(
                 EngineCoreOutput(

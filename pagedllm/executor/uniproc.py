@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.worker.worker import Worker
@@ -19,6 +21,12 @@ class UniProcExecutor:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def launch_model(self, scheduler_output: SchedulerOutput) -> Any:
+        return self.worker.model_runner.launch(scheduler_output)
+
+    def collect_output(self, handle: Any) -> ModelRunnerOutput:
+        return self.worker.model_runner.collect(handle)
 
     def shutdown(self) -> None:
         pass

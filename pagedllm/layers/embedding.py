@@ -17,6 +17,7 @@ from pagedllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from pagedllm.layers.linear import apply_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -66,11 +67,13 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states → logits over the vocabulary (`hidden [N, dim] → logits [N, vocab]`).
 
-    For tied embeddings the model assigns the embedding's parameter to `weight`.
+    For tied embeddings the model assigns the embedding's parameter to `weight`. The matmul goes
+    through `apply_linear`, so decode steps' few rows take the GEMV (the LM head is the largest
+    weight read of a step).
     """
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        logits = apply_linear(hidden_states, self.weight)
         if self.tp_size == 1:
             return logits
         return tensor_model_parallel_all_gather(logits, dim=-1)[..., : self.num_embeddings]

@@ -1,8 +1,11 @@
 """When the layers use the fused Triton kernels of `fused_kernels` instead of eager torch ops.
 
 On CUDA tensors, when Triton is installed, unless the environment variable `PAGEDLLM_FUSED_OPS`
-is "0" (benchmarks set it to measure what the kernels gain). The kernel module is imported on
+is "0" (benchmarks set it to measure what the kernels gain). The kernel modules are imported on
 first use, so a CPU start never imports Triton.
+
+The small-batch GEMV of the linears (`gemv_kernels`, dispatched in `pagedllm.layers.linear`)
+has its own switch on top: `PAGEDLLM_GEMV=0` keeps cuBLAS for the linears only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ def kernels() -> ModuleType:
     from pagedllm.layers import fused_kernels
 
     return fused_kernels
+
+
+@functools.cache
+def gemv_enabled() -> bool:
+    """False when `PAGEDLLM_GEMV` is "0" (read once; tests clear the cache)."""
+    return os.environ.get("PAGEDLLM_GEMV", "1") != "0"
+
+
+def gemv_kernels() -> ModuleType:
+    from pagedllm.layers import gemv_kernels
+
+    return gemv_kernels
 
 
 def rotary_supported(head_dim: int, rotary_dim: int) -> bool:

@@ -4,14 +4,18 @@ In eager PyTorch, RMSNorm with its residual add is ~8 kernels, the rotary embedd
 SiLU-and-mul 2, each reading and writing the whole activation. Here each is one kernel:
 - `rms_norm` / `fused_add_rms_norm`: one program per row;
 - `silu_and_mul`: one program per (row, column block);
-- `rotary_embedding_`: one program per token, rotating all its q and k heads in place.
+- `rotary_embedding_`: one program per token, rotating all its q and k heads in place;
+- `rope_norm_and_cache_`: a layer's whole attention prologue (Qwen3's per-head q/k RMSNorm, the
+  rotary on q and k, the K/V store into the paged cache) in one launch, where it was up to four
+  (two norms, the rotary, the attention backend's cache write); programs per (token, head group).
 
 Numerics follow HF transformers' op by op, including the rounding to the activation dtype
 between ops (the residual sum, the normalized value before the weight, SiLU before the product,
 each rotary product), so bf16 results track HF's as closely as the eager ops do. Measured
 (tests/layers/test_fused.py): the residual sum is bit-equal; the rest within one rounding step
 (the order of the fp32 sum of squares; compiled, the rotary kernel's intermediate casts are not
-all kept, about a fifth of its outputs differ by one step).
+all kept, about a fifth of its outputs differ by one step). The prologue shares the norm's and the
+rotary's jit helpers, so it rounds at the same points (tests/layers/test_prologue.py).
 
 Imported only when used (CUDA), so CPU start-up does not import Triton; tests run the kernels on
 the CPU under Triton's interpreter (`TRITON_INTERPRET=1` set before this module is imported).
@@ -50,9 +54,17 @@ def _rms_norm_kernel(
         tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)
-    normed = (x32 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    out = _rms_scale(x, rstd, w)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_scale(x, rstd, w):
+    """RMSNorm after its statistics, in HF's order: `x * rstd` rounds to x's dtype, then the
+    product with the fp32 weight `w` (returned in fp32; the caller rounds it)."""
+    normed = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+    return normed * w
 
 
 @triton.jit
@@ -76,13 +88,31 @@ def _rotate(ptr, stride_t, tok, num_heads, cos, sin, HEAD_DIM: tl.constexpr,
     base = ptr + tok * stride_t + heads[:, None] * HEAD_DIM + offs[None, :]
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
+    o1, o2 = _rope(x1, x2, cos, sin)
+    tl.store(base, o1, mask=mask)
+    tl.store(base + HALF, o2, mask=mask)
+
+
+@triton.jit
+def _rope(x1, x2, cos, sin):
+    """The neox rotation of the halves `x1`, `x2` (activation dtype; cos/sin fp32 holding values
+    of that dtype). Each product rounds to the activation dtype, then the sum does (HF's order)."""
     dt = x1.dtype
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    # Each product rounds to the activation dtype, then the sum does (HF's order).
     o1 = (a1 * cos).to(dt).to(tl.float32) - (a2 * sin).to(dt).to(tl.float32)
     o2 = (a2 * cos).to(dt).to(tl.float32) + (a1 * sin).to(dt).to(tl.float32)
-    tl.store(base, o1.to(dt), mask=mask)
-    tl.store(base + HALF, o2.to(dt), mask=mask)
+    return o1.to(dt), o2.to(dt)
+
+
+@triton.jit
+def _cos_sin(cos_ptr, sin_ptr, pos, dt_ptr, HALF: tl.constexpr):
+    """cos and sin of position `pos` as `[1, HALF]` rows: the fp32 cache rounds to the activation
+    dtype (`dt_ptr`'s) first, as in HF."""
+    offs = tl.arange(0, HALF)
+    dt = dt_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + pos * HALF + offs).to(dt).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * HALF + offs).to(dt).to(tl.float32)[None, :]
+    return cos, sin
 
 
 @triton.jit
@@ -103,13 +133,111 @@ def _rotary_kernel(
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
-    offs = tl.arange(0, HALF)
-    # The fp32 cos/sin cache rounds to the activation dtype first, as in HF.
-    dt = q_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + pos * HALF + offs).to(dt).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * HALF + offs).to(dt).to(tl.float32)[None, :]
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, pos, q_ptr, HALF)
     _rotate(q_ptr, stride_qt, tok, num_q_heads, cos, sin, HEAD_DIM, HALF, BLOCK_HQ)
     _rotate(k_ptr, stride_kt, tok, num_k_heads, cos, sin, HEAD_DIM, HALF, BLOCK_HK)
+
+
+@triton.jit
+def _norm_rope(base, mask, cos, sin, w_ptr, eps, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Heads at `base` ([heads, HALF] pointers to first halves): optional per-head RMSNorm
+    (weight `w_ptr`), then the rotation. Returns the two halves in the activation dtype."""
+    x1 = tl.load(base, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF, mask=mask, other=0.0)
+    if HAS_NORM:
+        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+        sum_sq = tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)
+        rstd = tl.rsqrt(sum_sq / (2 * HALF) + eps)[:, None]
+        offs = tl.arange(0, HALF)
+        w1 = tl.load(w_ptr + offs).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)[None, :]
+        x1 = _rms_scale(x1, rstd, w1).to(x1.dtype)
+        x2 = _rms_scale(x2, rstd, w2).to(x2.dtype)
+    return _rope(x1, x2, cos, sin)
+
+
+@triton.jit
+def _prologue_q(q_ptr, part, num_q_heads, cos, sin, w_ptr, eps, HEAD_DIM: tl.constexpr,
+                HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
+    """q heads `part * BLOCK_HQ` on of one token (its row at `q_ptr`): normed, rotated in place."""
+    heads = part * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
+    mask = (heads < num_q_heads)[:, None]
+    base = q_ptr + heads[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
+    o1, o2 = _norm_rope(base, mask, cos, sin, w_ptr, eps, HALF, HAS_NORM)
+    tl.store(base, o1, mask=mask)
+    tl.store(base + HALF, o2, mask=mask)
+
+
+@triton.jit
+def _prologue_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, dst, num_kv_heads, cos, sin, w_ptr, eps,
+                 stride_ch, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 HAS_NORM: tl.constexpr):  # fmt: skip
+    """One token's K heads (normed, rotated) and V heads into the cache slot at offset `dst`."""
+    heads = tl.arange(0, BLOCK_HK)
+    mask = (heads < num_kv_heads)[:, None]
+    offs = heads[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
+    o1, o2 = _norm_rope(k_ptr + offs, mask, cos, sin, w_ptr, eps, HALF, HAS_NORM)
+    cache_offs = dst + heads[:, None] * stride_ch + tl.arange(0, HALF)[None, :]
+    tl.store(k_cache_ptr + cache_offs, o1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + cache_offs + HALF, o2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    v1 = tl.load(v_ptr + offs, mask=mask)
+    v2 = tl.load(v_ptr + offs + HALF, mask=mask)
+    tl.store(v_cache_ptr + cache_offs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_offs + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _prologue_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    positions_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    num_tokens,
+    num_q_heads,
+    num_kv_heads,
+    stride_qt,
+    stride_kt,
+    stride_vt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
+    """Program (token, part): part 0 normalizes and rotates the token's K heads and stores them
+    with its V heads in the cache slot; part p > 0 does q heads `(p - 1) * BLOCK_HQ` on, in place.
+
+    NOTE: the branches only call helpers: Triton requires a name assigned in both branches of an
+    `if` to have one type in both, and the q and K/V tiles differ in shape.
+    """
+    tok = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, pos, q_ptr, HALF)
+    # NOTE: rows past num_tokens (batch padding) and slot -1 (CUDA-graph padding) are not
+    # cached; rows past num_tokens have no slot_mapping entry to read.
+    slot = tl.load(slot_mapping_ptr + tok, mask=(part == 0) & (tok < num_tokens), other=-1)
+    slot = slot.to(tl.int64)
+    if part > 0:
+        _prologue_q(q_ptr + tok * stride_qt, part - 1, num_q_heads, cos, sin, q_norm_ptr,
+                    eps, HEAD_DIM, HALF, BLOCK_HQ, HAS_NORM)  # fmt: skip
+    elif slot >= 0:
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+        _prologue_kv(k_ptr + tok * stride_kt, v_ptr + tok * stride_vt, k_cache_ptr, v_cache_ptr,
+                     dst, num_kv_heads, cos, sin, k_norm_ptr, eps, stride_ch, HEAD_DIM, HALF,
+                     BLOCK_HK, HAS_NORM)  # fmt: skip
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -180,4 +308,56 @@ def rotary_embedding_(
         query.stride(0), key.stride(0), num_q_heads, num_k_heads,
         HEAD_DIM=head_dim, HALF=head_dim // 2,
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_k_heads),
+    )  # fmt: skip
+
+
+def rope_norm_and_cache_(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_tokens: int,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    """The attention prologue of a layer in one launch: per token, (optionally) RMSNorm each q
+    and k head with its weight, rotate q and k (neox style, whole heads), rotate `query` in place
+    and store the rotated K and V in `kv_cache` ([2, num_blocks, block_size, Hkv, D]) at
+    `slot_mapping[t]` for the first `num_tokens` rows (slot -1: skipped). `key` is left as it was.
+
+    `query` [T, Hq * D], `key`/`value` [T, Hkv * D] (rows may be strided: views of the fused qkv
+    projection); the norm weights go together (Qwen3) or not at all."""
+    total = query.shape[0]
+    if total == 0:
+        return
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight must be given together")
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.stride(-1) != 1 or x.shape[-1] % head_dim:
+            raise ValueError(f"{name} must be [T, heads * {head_dim}] with contiguous rows")
+    assert key.shape[-1] == value.shape[-1] == num_kv_heads * head_dim
+    assert head_dim >= 2 and (head_dim // 2) & (head_dim // 2 - 1) == 0, "half a head: 2^n"
+    assert num_tokens <= min(total, slot_mapping.shape[0])
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    assert key_cache.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
+    num_q_heads = query.shape[-1] // head_dim
+    block_hk = triton.next_power_of_2(num_kv_heads)
+    # A q program does about the work of the K/V one (2 * Hkv heads), so at batch 1 the token's
+    # work spreads over 1 + Hq / (2 * Hkv) programs instead of one.
+    block_hq = min(triton.next_power_of_2(num_q_heads), max(2 * block_hk, 8))
+    has_norm = q_norm_weight is not None
+    _prologue_kernel[(total, 1 + triton.cdiv(num_q_heads, block_hq))](
+        query, key, value, positions, cos_cache, sin_cache, key_cache, value_cache, slot_mapping,
+        q_norm_weight if has_norm else query, k_norm_weight if has_norm else query,
+        num_tokens, num_q_heads, num_kv_heads,
+        query.stride(0), key.stride(0), value.stride(0),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), eps,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, HAS_NORM=has_norm,
     )  # fmt: skip

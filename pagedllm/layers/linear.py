@@ -3,12 +3,19 @@
 Each parameter carries `weight_loader(param, loaded_weight, shard_id=None)`, which takes the full
 checkpoint tensor and copies this rank's slice into the parameter (for fused layers, `shard_id`
 names the part of the fused output the tensor fills). At tensor-parallel size 1 every layer is a
-plain `F.linear`; weights are `[output, input]` as in `nn.Linear`.
+plain linear; weights are `[output, input]` as in `nn.Linear`.
+
+Every matmul goes through `apply_linear`: `F.linear` (cuBLAS), except for inputs of a few rows on
+CUDA (decode steps) where the Triton GEMV of `gemv_kernels` was measured faster: at batch 1 the
+step is bound by reading the weights, and the GEMV streams them faster than cuBLAS does. `RowParallelLinear.forward_silu_mul` also folds the MLP's
+SiLU-and-mul into the down projection's GEMV.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -20,6 +27,41 @@ from pagedllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from pagedllm.layers import fused
+from pagedllm.layers.activation import SiluAndMul
+
+# The most rows that may take the GEMV. Measured on the H200 (`python -m pagedllm.benchmarks.gemv`):
+# one row always gains; 2-4 rows only for the shapes `gemv_kernels.wins` lists; 8 and more never.
+GEMV_MAX_M = 4
+
+_silu_and_mul = SiluAndMul()
+
+
+def _gemv_kernels(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False
+) -> ModuleType | None:
+    """The GEMV module when it should compute this product, else None (cuBLAS)."""
+    if not (fused.enabled(x) and fused.gemv_enabled() and x.dim() > 0):
+        return None
+    m = math.prod(x.shape[:-1])
+    if m > GEMV_MAX_M:
+        return None
+    kernels = fused.gemv_kernels()
+    n, k = weight.shape
+    act = "silu_mul" if silu_mul else ""
+    if kernels.supports(x, weight, bias, silu_mul=silu_mul) and kernels.wins(m, n, k, act):
+        return kernels
+    return None
+
+
+def apply_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through the GEMV for a few rows on CUDA (see above)."""
+    kernels = _gemv_kernels(x, weight, bias)
+    if kernels is not None:
+        return kernels.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def default_weight_loader(
@@ -70,7 +112,7 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -108,7 +150,7 @@ class ColumnParallelLinear(LinearBase):
         _copy_rows(param, 0, loaded_weight, self.tp_rank * size, size, size * self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = apply_linear(x, self.weight, self.bias)
         return tensor_model_parallel_all_gather(y) if self.gather_output else y
 
 
@@ -231,8 +273,18 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        y = F.linear(x, self.weight, bias)
+        y = apply_linear(x, self.weight, bias)
         return tensor_model_parallel_all_reduce(y) if self.reduce_results else y
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """`self(silu_and_mul(gate_up))` for `gate_up [..., 2 * input_size]` (gate, then up):
+        one GEMV launch when the GEMV applies, else the activation then the linear."""
+        bias = self.bias if self.tp_rank == 0 else None
+        kernels = _gemv_kernels(gate_up, self.weight, bias, silu_mul=True)
+        if kernels is not None:
+            y = kernels.gemv_silu_mul(gate_up, self.weight, bias)
+            return tensor_model_parallel_all_reduce(y) if self.reduce_results else y
+        return self(_silu_and_mul(gate_up))
 
 
 def _copy_rows(

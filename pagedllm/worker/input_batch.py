@@ -157,6 +157,13 @@ class InputBatch:
         self.bad_words = BadWordsTable()
         self.req_to_row: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+        # Bumped whenever a row gets a new request: a step's results go only to rows whose
+        # generation is still the one it was launched with.
+        self.generation = np.zeros(max_num_reqs, dtype=np.int64)
+        # A row whose last token was sampled by a step still in flight: that step's id (else -1)
+        # and the token's index among the step's sampled ids (on the device).
+        self.pending_step = np.full(max_num_reqs, -1, dtype=np.int64)
+        self.pending_index = np.zeros(max_num_reqs, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.req_to_row)
@@ -179,6 +186,8 @@ class InputBatch:
         self.token_ids[row, num_prompt:n] = output_token_ids
         self.num_tokens[row] = n
         self.num_prompt_tokens[row] = num_prompt
+        self.generation[row] += 1
+        self.pending_step[row] = -1
         self.num_blocks[row] = 0
         self.append_block_ids(row, block_ids)
         self._set_sampling_params(row, sampling_params)
@@ -228,10 +237,29 @@ class InputBatch:
         self.block_table[row, start : start + len(block_ids)] = block_ids
         self.num_blocks[row] = start + len(block_ids)
 
-    def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
-        """Appends one token to each of `rows`."""
-        self.token_ids[rows, self.num_tokens[rows]] = token_ids
+    def add_placeholders(self, rows: np.ndarray, step_id: int) -> np.ndarray:
+        """Counts the token step `step_id` samples for each of `rows` (in sampling order) before
+        its id is known; returns the positions the ids go to (`fill_tokens`)."""
+        positions = self.num_tokens[rows].copy()
         self.num_tokens[rows] += 1
+        self.pending_step[rows] = step_id
+        self.pending_index[rows] = np.arange(len(rows))
+        return positions
+
+    def fill_tokens(
+        self,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        token_ids: np.ndarray,
+        generations: np.ndarray,
+        step_id: int,
+    ) -> None:
+        """Writes the ids step `step_id` sampled, skipping rows that changed hands since."""
+        keep = self.generation[rows] == generations
+        rows = rows[keep]
+        self.token_ids[rows, positions[keep]] = token_ids[keep]
+        done = rows[self.pending_step[rows] == step_id]
+        self.pending_step[done] = -1
 
     # ----- sampling metadata -----
 

@@ -4,6 +4,11 @@ All scheduled tokens of all requests run as one flat batch (no padding, no batch
 logits are computed only for the last row of each request that reaches the end of its known
 tokens (a prompt chunk that stops short samples nothing), and for the prompt rows of the requests
 that asked for prompt logprobs. The step's results come back to the host in one sync.
+
+A step is `launch`ed (inputs prepared, kernels queued, result copies started) and later
+`collect`ed (one wait, the output built). Between the two the next step may be launched (async
+scheduling): its rows whose last token the previous step is still sampling take that id from
+the previous step's device tensor, so no step waits for the host to see the ids.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from pagedllm.models.interface import CausalLM
 from pagedllm.utils import cdiv
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.input_batch import InputBatch
-from pagedllm.worker.sampler import LogprobsTensors, Sampler, compute_logprobs
-from pagedllm.worker.staging import HostStager
+from pagedllm.worker.sampler import Sampler, compute_logprobs
+from pagedllm.worker.staging import HostStager, PendingHost
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +56,24 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of the hidden states that sample
+    logits_indices: torch.Tensor | None  # rows of the hidden states that sample (None: all)
     sample_rows: np.ndarray  # input-batch rows of the requests that sample, in logits order
     sample_mask: np.ndarray  # bool [num_reqs]: which scheduled requests sample
     prompt_logprobs: PromptLogprobsPlan | None
     graph_size: int | None = None  # a decode step replayed from the CUDA graph of this size
+
+
+@dataclass
+class InFlightStep:
+    """A launched step: what `collect` needs to finish it."""
+
+    step_id: int
+    inputs: StepInputs
+    results: PendingHost  # sampled ids, then the sampled and the prompt logprobs if any
+    has_sampled_lp: bool
+    has_prompt_lp: bool
+    positions: np.ndarray  # where each sampled id goes in its row
+    generations: np.ndarray  # the sampled rows' generations at launch
 
 
 class ModelRunner:
@@ -81,6 +99,9 @@ class ModelRunner:
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.stager = HostStager(device)
         self.cuda_graphs: CudaGraphRunner | None = None
+        self._step_id = 0
+        # The last launched step's id and its sampled ids on the device.
+        self._last_sampled: tuple[int, torch.Tensor] | None = None
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -190,6 +211,7 @@ class ModelRunner:
 
         sample_mask = seq_lens == batch.num_tokens[rows]
         logits_indices = (cu - 1)[sample_mask]
+        pending = self._pending_inputs(rows, sample_mask, cu)
         st = self.stager
         graph_size = None
         if self.cuda_graphs is not None and num_tokens == num_reqs:
@@ -220,17 +242,43 @@ class ModelRunner:
             g.block_table[:num_reqs, :max_blocks].copy_(st.to_device(block_table))
             metadata = g.metadata(size)
             ids_t, positions_t = g.input_ids[:size], g.positions[:size]
+        if pending is not None:
+            flat, src, sampled = pending
+            n = len(flat)
+            if flat[0] + n - 1 == flat[-1] and (src == np.arange(n)).all():
+                # NOTE: the usual decode step: the same requests in the same order, one copy.
+                ids_t[flat[0] : flat[0] + n].copy_(sampled[:n])
+            else:
+                ids_t[st.to_device(flat)] = sampled[st.to_device(src)]
+        every_row_samples = logits_indices.size == num_tokens
         return StepInputs(
             req_ids=req_ids,
             input_ids=ids_t,
             positions=positions_t,
             attn_metadata=metadata,
-            logits_indices=st.to_device(logits_indices),
+            logits_indices=None if every_row_samples else st.to_device(logits_indices),
             sample_rows=rows[sample_mask],
             sample_mask=sample_mask,
             prompt_logprobs=self._plan_prompt_logprobs(req_ids, rows, starts, seq_lens, cu),
             graph_size=graph_size,
         )
+
+    def _pending_inputs(
+        self, rows: np.ndarray, sample_mask: np.ndarray, cu: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor] | None:
+        """The input rows whose token the last launched step is still sampling: (flat input
+        indices, indices into that step's sampled ids, those ids on the device).
+
+        Such a token is always its request's last, so only a request whose query reaches its
+        end (one that samples) can hold one, as its last query row."""
+        if self._last_sampled is None:
+            return None
+        step_id, sampled = self._last_sampled
+        which = sample_mask & (self.input_batch.pending_step[rows] == step_id)
+        if not which.any():
+            return None
+        src = self.input_batch.pending_index[rows[which]]
+        return (cu - 1)[which], src, sampled
 
     def _plan_prompt_logprobs(
         self,
@@ -275,10 +323,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> InFlightStep | None:
+        """Queues the step's work on the device; returns None when nothing runs."""
         self._update_states(out)
         if out.is_empty:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        self.stager.reset()  # NOTE: safe: the previous step waited for its results
+            return None
+        self.stager.next_step()  # NOTE: safe: the step before the last one was collected
+        self._step_id += 1
         inputs = self._prepare_inputs(out)
         if inputs.graph_size is not None:
             assert self.cuda_graphs is not None
@@ -287,11 +341,15 @@ class ModelRunner:
             with set_forward_context(inputs.attn_metadata):
                 hidden = self.model(inputs.input_ids, inputs.positions)
         plan = inputs.prompt_logprobs
-        indices = inputs.logits_indices
-        if plan is not None:
-            indices = torch.cat([indices, self.stager.to_device(plan.indices)])
-        logits = self.model.compute_logits(hidden[indices])
         num_sampled = len(inputs.sample_rows)
+        indices = inputs.logits_indices
+        if indices is None:  # every row samples: no gather
+            indices = None if plan is None else torch.arange(num_sampled, device=hidden.device)
+        if plan is not None:
+            assert indices is not None
+            indices = torch.cat([indices, self.stager.to_device(plan.indices)])
+        sampling_hidden = hidden[:num_sampled] if indices is None else hidden[indices]
+        logits = self.model.compute_logits(sampling_hidden)
         md = self.input_batch.make_sampling_metadata(
             inputs.sample_rows, self.stager, self.generator
         )
@@ -302,12 +360,41 @@ class ModelRunner:
             targets = self.stager.to_device(plan.targets)
             n = int(self.input_batch.num_prompt_logprobs[plan.batch_rows].max())
             prompt_lp = compute_logprobs(raw, targets, n)
-        # NOTE: the one host sync of the step.
-        token_ids, sampled_lp, prompt_lp_host = _to_host(
-            self.stager, sampled.token_ids, sampled.logprobs, prompt_lp
+        tensors = [sampled.token_ids]
+        for lp in (sampled.logprobs, prompt_lp):
+            if lp is not None:
+                tensors += [lp.token_ids, lp.logprobs, lp.ranks]
+        batch = self.input_batch
+        rows = inputs.sample_rows
+        generations = batch.generation[rows]
+        positions = batch.add_placeholders(rows, self._step_id)
+        self._last_sampled = (self._step_id, sampled.token_ids)
+        return InFlightStep(
+            step_id=self._step_id,
+            inputs=inputs,
+            results=self.stager.to_host(tensors),
+            has_sampled_lp=sampled.logprobs is not None,
+            has_prompt_lp=prompt_lp is not None,
+            positions=positions,
+            generations=generations,
         )
-        self.input_batch.append_tokens(inputs.sample_rows, token_ids)
-        return self._make_output(inputs, token_ids, sampled_lp, prompt_lp_host)
+
+    def collect(self, step: InFlightStep | None) -> ModelRunnerOutput:
+        """Waits for a launched step's results (the one host sync of a step) and builds its
+        output; its sampled ids enter the rows still held by the same requests."""
+        if step is None:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        host = iter(step.results.wait())
+        token_ids = next(host)
+        sampled_lp = HostLogprobs(*(next(host) for _ in range(3))) if step.has_sampled_lp else None
+        prompt_lp = HostLogprobs(*(next(host) for _ in range(3))) if step.has_prompt_lp else None
+        rows = step.inputs.sample_rows
+        self.input_batch.fill_tokens(
+            rows, step.positions, token_ids, step.generations, step.step_id
+        )
+        if self._last_sampled is not None and self._last_sampled[0] == step.step_id:
+            self._last_sampled = None  # every id it holds is on the host now
+        return self._make_output(step.inputs, token_ids, sampled_lp, prompt_lp)
 
     def _make_output(
         self,
@@ -361,26 +448,6 @@ class HostLogprobs:
             ranks=self.ranks[begin:end].tolist(),
             start=start,
         )
-
-
-def _to_host(
-    stager: HostStager,
-    token_ids: torch.Tensor,
-    sampled: LogprobsTensors | None,
-    prompt: LogprobsTensors | None,
-) -> tuple[np.ndarray, HostLogprobs | None, HostLogprobs | None]:
-    """Copies the step's results to the host, waiting once for all of them."""
-    tensors = [token_ids]
-    for lp in (sampled, prompt):
-        if lp is not None:
-            tensors += [lp.token_ids, lp.logprobs, lp.ranks]
-    host = stager.to_host(tensors)
-    rest = iter(host[1:])
-    out = [
-        None if lp is None else HostLogprobs(next(rest), next(rest), next(rest))
-        for lp in (sampled, prompt)
-    ]
-    return host[0], out[0], out[1]
 
 
 def _pad(a: np.ndarray, size: int, value: int) -> np.ndarray:

@@ -96,6 +96,23 @@ def compute_logprobs(
     return LogprobsTensors(token_ids=ids, logprobs=lps, ranks=ranks)
 
 
+def argmax_rows(x: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
+    """`x.argmax(-1)` for `[R, V]`, faster on the GPU for a few long rows: torch reduces each row
+    in one thread block (28 µs for one 128k-vocabulary row on an H200); here each row is cut into
+    chunks reduced in parallel, then the best chunk is picked. The same index as `argmax` (the
+    first maximum: `max` and `argmax` both return the first, chunks are in order).
+    `chunked` forces the choice (tests); by default chunks on CUDA for at most 16 rows."""
+    rows, vocab = x.shape
+    chunks = next((c for c in (256, 128, 64, 32, 16) if vocab % c == 0), 1)
+    if chunked is None:
+        chunked = x.is_cuda and rows <= 16 and vocab >= 8192
+    if not chunked or chunks == 1:
+        return x.argmax(dim=-1)
+    values, within = x.view(rows, chunks, vocab // chunks).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return (within.gather(1, best) + best * (vocab // chunks)).squeeze(1)
+
+
 def random_sample(
     probs: torch.Tensor,
     generator: torch.Generator | None,
@@ -109,7 +126,7 @@ def random_sample(
         _exponential_(q, generator)
     for i, gen in generators.items():
         _exponential_(q[i], gen)
-    return probs.div_(q).argmax(dim=-1)
+    return argmax_rows(probs.div_(q))
 
 
 def _exponential_(out: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -232,10 +249,10 @@ class Sampler:
     @staticmethod
     def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         if md.all_greedy:
-            return logits.argmax(dim=-1)
+            return argmax_rows(logits)
         assert md.temperature is not None
         greedy_rows = md.temperature == 0
-        greedy = None if md.all_random else logits.argmax(dim=-1)
+        greedy = None if md.all_random else argmax_rows(logits)
         logits.div_(torch.where(greedy_rows, 1.0, md.temperature).unsqueeze(1))
         if md.min_p is not None:
             apply_min_p(logits, md.min_p)

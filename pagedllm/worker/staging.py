@@ -6,8 +6,9 @@ step is written into one pinned buffer (a bump allocator, reset at the start of 
 copied from there with `non_blocking=True`; the step's results come back the same way, with one
 wait for all of them.
 
-NOTE: `reset` may only run once the previous step's copies are done; the runner calls it at the
-start of a step, after the previous step waited for its sampled ids (the one sync of a step).
+Two sets of arenas alternate, one per step, so that a step can be prepared while the one before
+is still on the GPU (async scheduling). NOTE: `next_step` reuses the set of the step before the
+previous one, whose copies must be done: the runner collects step N-1 before it launches N+1.
 On the CPU there is nothing to copy: arrays become tensors sharing their memory.
 """
 
@@ -45,16 +46,33 @@ class _PinnedArena:
         return chunk.view(dtype).view(shape)
 
 
+class PendingHost:
+    """Device→host copies in flight; `wait()` gives the host arrays."""
+
+    def __init__(self, host: list[torch.Tensor], event: torch.cuda.Event | None) -> None:
+        self._host = host
+        self._event = event
+
+    def wait(self) -> list[np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [h.numpy() for h in self._host]
+
+
 class HostStager:
     def __init__(self, device: torch.device, capacity: int = 1 << 20) -> None:
         self.device = device
         self.pinned = device.type == "cuda"
         if self.pinned:
-            self._up = _PinnedArena(capacity)
-            self._down = _PinnedArena(capacity)
+            self._sets = [(_PinnedArena(capacity), _PinnedArena(capacity)) for _ in range(2)]
+            self._current = 0
+            self._up, self._down = self._sets[0]
 
-    def reset(self) -> None:
+    def next_step(self) -> None:
+        """Switches to the other set of arenas and empties it."""
         if self.pinned:
+            self._current ^= 1
+            self._up, self._down = self._sets[self._current]
             self._up.reset()
             self._down.reset()
 
@@ -78,13 +96,14 @@ class HostStager:
         else:
             dst.copy_(self._stage(a), non_blocking=True)
 
-    def to_host(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        """The tensors on the host, after one wait for all of them. The arrays are views of the
-        arena: valid until the next `reset`."""
+    def to_host(self, tensors: list[torch.Tensor]) -> PendingHost:
+        """Starts copying the tensors to the host; the arrays `wait()` returns are views of the
+        arena, valid until this arena set is reused (two `next_step` calls later)."""
         if not self.pinned:
-            return [t.numpy() for t in tensors]
+            return PendingHost(list(tensors), None)
         host = [self._down.take(tuple(t.shape), t.dtype) for t in tensors]
         for dst, src in zip(host, tensors):
             dst.copy_(src, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return [h.numpy() for h in host]
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return PendingHost(host, event)

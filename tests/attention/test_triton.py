@@ -13,18 +13,12 @@ Two modes:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # NOTE: before triton is first imported
-    if os.environ["TRITON_INTERPRET"] != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-triton = pytest.importorskip("triton", reason="triton is not installed")
+from tests.triton_interpreter import kernel_test_device
+
+DEVICE = kernel_test_device()  # NOTE: before triton is first imported
 
 from pagedllm.attention.backend import AttentionMetadata, get_attention_impl_cls  # noqa: E402
 from pagedllm.attention.torch_ref import TorchRefAttention  # noqa: E402
@@ -32,6 +26,7 @@ from pagedllm.attention.triton import kernels  # noqa: E402
 from pagedllm.attention.triton.backend import TritonAttention  # noqa: E402
 from pagedllm.attention.utils import build_metadata  # noqa: E402
 from tests.attention.test_torch_ref import NUM_KV_HEADS, Case, dense_attention, make_case  # noqa: E402
+from tests.triton_interpreter import one_thread, patch_interpreter  # noqa: E402, F401
 
 FP32_ATOL = 2e-5
 # NOTE: half-precision inputs, P rounded to the input dtype before P @ V, output rounded:
@@ -42,45 +37,8 @@ HALF_TOL = {torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 SMALL_MIXED = [(0, 37), (45, 12), (99, 1), (0, 1), (70, 1), (30, 5), (63, 1)]
 
 
-def _patch_interpreter() -> None:
-    """Two interpreter bugs of triton <= 3.9, fixed here for the tests only:
-    `int()` of a scalar (a shape-(1,) array: numpy >= 2.4 refuses) in dynamic loop bounds, and
-    `tl.dot` of bf16 operands, stored as uint16, multiplied as integers."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched_tensor(tensor: object, scope: object) -> None:
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def as_float(h: interpreter.TensorHandle) -> interpreter.TensorHandle:
-        if h.dtype != triton.language.bfloat16:
-            return h
-        bits = h.data.astype(np.uint32) << 16
-        return interpreter.TensorHandle(bits.view(np.float32), triton.language.float32)
-
-    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # type: ignore[no-untyped-def]
-        return create_dot(self, as_float(a), as_float(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter._patch_lang_tensor = patched_tensor
-    interpreter.InterpreterBuilder.create_dot = patched_dot
-
-
 if DEVICE == "cpu":
-    _patch_interpreter()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The interpreter's numpy ops are tiny: a second intra-op thread only adds barrier waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    patch_interpreter()
 
 
 def to_device(case: Case, device: str) -> Case:

@@ -1,5 +1,8 @@
 """A torch-free stand-in for the worker: it tracks each request's tokens as the real runner does
-and "samples" a deterministic token wherever the real one would sample."""
+and "samples" a deterministic token wherever the real one would sample.
+
+`launch_model` computes the step at once (its sampled tokens are known to the next launch, as
+the real runner's are on the device); `collect_output` hands the result over later."""
 
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ class FakeExecutor:
 
     def shutdown(self) -> None:
         pass
+
+    def launch_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model(out)
+
+    def collect_output(self, handle: ModelRunnerOutput) -> ModelRunnerOutput:
+        return handle
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.steps.append(out)

@@ -11,7 +11,13 @@ from tests.engine.test_scheduler_invariants import expected_tokens
 
 
 def make_core(
-    num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_model_len=128, caching=True
+    num_blocks=64,
+    block_size=4,
+    max_num_seqs=8,
+    budget=32,
+    max_model_len=128,
+    caching=True,
+    async_scheduling=False,
 ):
     config = EngineConfig(
         model_config=None,  # type: ignore[arg-type]
@@ -19,6 +25,7 @@ def make_core(
         scheduler_config=SchedulerConfig(max_num_seqs, budget, max_model_len),
         parallel_config=None,  # type: ignore[arg-type]
         device_config=None,  # type: ignore[arg-type]
+        async_scheduling=async_scheduling,
     )
     executor = FakeExecutor(num_blocks)
     return EngineCore(config, executor), executor
@@ -143,3 +150,122 @@ def test_prefix_cache_hits_are_counted() -> None:
     assert stats.requests == 2
     assert stats.hits == 40, "all 10 full blocks of the shared prefix hit"
     assert stats.queries == 42 + 43
+
+
+# ----- async scheduling -----
+
+
+def _mixed_requests() -> list[Request]:
+    """Chunked prompts, a shared prefix, EOS and stop-token stops, a min_tokens and a capped one."""
+    prompt = [1, 2, 3]
+    first = expected_tokens(prompt, 4)
+    reqs = [req(f"r{i}", [i * 10 + j for j in range(8 + 9 * i)], 6 + 5 * i) for i in range(6)]
+    reqs += [
+        Request("eos", prompt, SamplingParams(max_tokens=9), (first[1],), max_model_len=128),
+        Request("stop", prompt, SamplingParams(max_tokens=9, stop_token_ids=[first[2]]), max_model_len=128),
+        Request("min", prompt, SamplingParams(max_tokens=9, min_tokens=3), (first[0],), max_model_len=128),
+        Request("cap", list(range(120)), SamplingParams(max_tokens=50, ignore_eos=True), max_model_len=128),
+    ]  # fmt: skip
+    return reqs
+
+
+def _run_mixed(async_scheduling: bool, num_blocks: int) -> tuple[dict, EngineCore]:
+    core, _ = make_core(num_blocks=num_blocks, budget=24, async_scheduling=async_scheduling)
+    reqs = _mixed_requests()
+    for r in reqs:
+        core.add_request(r)
+    run_all(core)
+    return {r.request_id: (r.output_token_ids, r.status, r.stop_reason) for r in reqs}, core
+
+
+def test_async_scheduling_gives_the_same_outputs() -> None:
+    for num_blocks in (64, 34):  # 34 blocks of 4: preemptions
+        want, _ = _run_mixed(False, num_blocks)
+        got, core = _run_mixed(True, num_blocks)
+        assert got == want
+        pool = core.scheduler.kv_cache_manager.pool
+        assert pool.num_free_blocks == num_blocks
+        if num_blocks == 34:
+            assert core.scheduler.make_stats().num_preemptions > 0
+
+
+def test_async_scheduling_launches_before_collecting() -> None:
+    core, ex = make_core(async_scheduling=True)
+    a = req("a", [5, 6, 7], 4)
+    core.add_request(a)
+    assert core.step() == [], "the first step stays in flight"
+    assert len(ex.steps) == 1 and core.has_unfinished_requests()
+    outputs = core.step()
+    assert len(ex.steps) == 2, "step 2 was launched before step 1's results were used"
+    assert [o.new_token_ids for o in outputs] == [expected_tokens(a.prompt_token_ids, 1)]
+    assert ex.steps[1].num_scheduled_tokens == {"a": 1}, "it computes the token in flight"
+    run_all(core)
+    assert a.output_token_ids == expected_tokens(a.prompt_token_ids, 4)
+    # No step past max_tokens: the prompt step and three decodes sample the four tokens.
+    assert sum("a" in s.num_scheduled_tokens for s in ex.steps) == 4
+
+
+def test_async_stop_wastes_one_step_and_drops_it() -> None:
+    core, ex = make_core(async_scheduling=True)
+    prompt = [1, 2, 3]
+    first = expected_tokens(prompt, 3)
+    r = Request("s", prompt, SamplingParams(max_tokens=10, stop_token_ids=[first[1]]), max_model_len=128)  # fmt: skip
+    core.add_request(r)
+    outputs = []
+    while core.has_unfinished_requests():
+        outputs += core.step()
+    assert r.output_token_ids == first[:2] and r.stop_reason == first[1]
+    assert [o.new_token_ids for o in outputs] == [[first[0]], [first[1]]]
+    assert sum("s" in s.num_scheduled_tokens for s in ex.steps) == 3, "one step computed in vain"
+    assert core.scheduler.kv_cache_manager.pool.num_free_blocks == 64
+
+
+def test_async_scheduling_waits_for_penalties() -> None:
+    core, ex = make_core(async_scheduling=True)
+    plain = req("p", [4, 5, 6], 6)
+    penalized = req("q", [7, 8, 9], 3, presence_penalty=0.5)
+    core.add_request(plain)
+    core.add_request(penalized)
+    assert core.step() != [], "with a penalty in the batch each step is collected at once"
+    run_all(core)
+    assert plain.output_token_ids == expected_tokens(plain.prompt_token_ids, 6)
+    assert core.scheduler.num_history_reqs == 0
+    n = len(ex.steps)
+    core.add_request(req("x", [1, 2], 3))
+    assert core.step() == [] and len(ex.steps) == n + 1, "alone again, steps overlap"
+    run_all(core)
+
+
+def test_async_abort_with_a_step_in_flight() -> None:
+    core, _ = make_core(async_scheduling=True)
+    a, b = req("a", list(range(20)), 30), req("b", list(range(50, 70)), 5)
+    core.add_request(a)
+    core.add_request(b)
+    core.step()
+    core.step()
+    core.abort_requests(["a"])
+    run_all(core)
+    assert a.status == RequestStatus.FINISHED_ABORTED
+    assert b.output_token_ids == expected_tokens(b.prompt_token_ids, 5)
+    assert core.scheduler.kv_cache_manager.pool.num_free_blocks == 64
+
+
+def test_async_preemption_that_schedules_nothing_reaches_the_worker() -> None:
+    """B, admitted at A's side, needs a block while A's token in flight is A's last: A is not
+    scheduled again, B preempts itself, and the step schedules nothing; the worker must still
+    drop B, or B's resumption finds it there (found by the invariants machine)."""
+    core, _ = make_core(
+        num_blocks=64, block_size=1, max_num_seqs=2, budget=13, max_model_len=64,
+        caching=False, async_scheduling=True,
+    )  # fmt: skip
+    a = req("a", list(range(30)), 12, max_model_len=64)
+    core.add_request(a)
+    for _ in range(10):
+        core.step()
+    b = req("b", list(range(100, 125)), 1, max_model_len=64)
+    core.add_request(b)
+    run_all(core)
+    assert a.output_token_ids == expected_tokens(a.prompt_token_ids, 12)
+    assert b.output_token_ids == expected_tokens(b.prompt_token_ids, 1)
+    assert core.scheduler.make_stats().num_preemptions > 0
+    assert core.scheduler.kv_cache_manager.pool.num_free_blocks == 64

@@ -1,7 +1,7 @@
 """Scheduler and block pool under random add / step / abort sequences (hypothesis).
 
-Invariants checked after every rule: each block's ref count equals the number of live requests
-holding it, a block is in the free queue iff its ref count is 0, step budgets and max_num_seqs
+Invariants checked after every rule, with and without async scheduling: each block's ref count
+equals the number of live requests holding it, a block is in the free queue iff its ref count is 0, step budgets and max_num_seqs
 hold. At the end every request that was not aborted has exactly its expected tokens (the fake
 model's tokens depend on the whole sequence, so a wrong recompute after preemption shows), and
 every block is free again.
@@ -39,8 +39,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 8),
         budget=st.integers(8, 80),
         caching=st.booleans(),
+        async_scheduling=st.booleans(),
     )
-    def setup(self, block_size, extra_blocks, max_num_seqs, budget, caching) -> None:
+    def setup(
+        self, block_size, extra_blocks, max_num_seqs, budget, caching, async_scheduling
+    ) -> None:
         num_blocks = -(-MAX_MODEL_LEN // block_size) + extra_blocks
         self.sched_config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -53,6 +56,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             scheduler_config=self.sched_config,
             parallel_config=None,  # type: ignore[arg-type]
             device_config=None,  # type: ignore[arg-type]
+            async_scheduling=async_scheduling,
         )
         self.executor = FakeExecutor(num_blocks, VOCAB)
         self.core = EngineCore(config, self.executor)
@@ -121,7 +125,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(mgr.req_to_blocks) <= {r.request_id for r in self.sched.running}
         for req in self.sched.running:
             assert req.status == RequestStatus.RUNNING
-            assert 0 < req.num_computed_tokens <= req.num_tokens
+            assert 0 < req.num_computed_tokens <= req.num_tokens_with_placeholders
+            assert 0 <= req.num_output_placeholders <= 2
 
     def teardown(self) -> None:
         if not hasattr(self, "sched"):

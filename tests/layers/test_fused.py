@@ -10,17 +10,12 @@ bit-equal under the interpreter (compiled on a GPU: within one rounding step).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # NOTE: before triton is first imported
-    if os.environ["TRITON_INTERPRET"] != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-pytest.importorskip("triton", reason="triton is not installed")
+from tests.triton_interpreter import kernel_test_device
+
+DEVICE = kernel_test_device()  # NOTE: before triton is first imported
 
 from pagedllm.layers import fused_kernels  # noqa: E402
 from pagedllm.layers.activation import SiluAndMul  # noqa: E402

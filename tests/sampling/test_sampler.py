@@ -216,3 +216,25 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch() -> None:
     ranks = (raw >= raw.gather(1, out.token_ids[:, None])).sum(-1)
     assert torch.equal(out.logprobs.ranks, ranks)
     assert torch.equal(out.logprobs.token_ids[:, 1:], raw.topk(3).indices)
+
+
+def test_chunked_argmax_is_argmax() -> None:
+    """The chunked argmax (few long rows on the GPU) returns torch's index, the first maximum,
+    with ties inside a chunk, across chunks, and -inf rows; on the GPU too when there is one."""
+
+    from pagedllm.worker.sampler import argmax_rows
+
+    gen = torch.Generator().manual_seed(3)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for vocab in (128256, 151936, 49152, 1000):
+        x = torch.randn(5, vocab, generator=gen)
+        x[1, 77] = x[1, vocab - 3] = 50.0  # tie across chunks: the first wins
+        x[2, 10] = x[2, 11] = 60.0  # tie within a chunk
+        x[3] = float("-inf")
+        x[3, vocab // 2] = 0.0
+        x[4, :] = 7.0  # all equal: index 0
+        for device in devices:
+            for dtype in (torch.float32, torch.bfloat16):
+                y = x.to(device, dtype)
+                assert torch.equal(argmax_rows(y, chunked=True), y.argmax(dim=-1)), (vocab, dtype)
+                assert torch.equal(argmax_rows(y), y.argmax(dim=-1))

@@ -1,9 +1,10 @@
 """`TritonAttention`: the CUDA attention backend, paged FlashAttention in Triton kernels.
 
 Owns the mapping of `AttentionImpl.forward` onto the kernels of `kernels.py`: one cache-write
-launch, then a decode launch (requests of a few query rows, split over the KV axis when the
-batch is too small to fill the GPU) and/or a varlen launch (prompts and prompt chunks). Runs
-on CPU tensors too under `TRITON_INTERPRET=1` (tests only: slow).
+launch (none when the model's fused prologue already stored K/V: `kv_written`), then a decode
+launch (requests of a few query rows, split over the KV axis when the batch is too small to fill
+the GPU) and/or a varlen launch (prompts and prompt chunks). Runs on CPU tensors too under
+`TRITON_INTERPRET=1` (tests only: slow).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TritonAttention(AttentionImpl):
     """
 
     cuda_graph_safe = True
+    accepts_prewritten_kv = True
 
     def __init__(
         self,
@@ -48,9 +50,11 @@ class TritonAttention(AttentionImpl):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         num_tokens = metadata.num_actual_tokens
-        reshape_and_cache(key, value, kv_cache, metadata.slot_mapping, num_tokens)
+        if not kv_written:
+            reshape_and_cache(key, value, kv_cache, metadata.slot_mapping, num_tokens)
         output = torch.empty_like(query)
         if query.shape[0] > num_tokens:
             # NOTE: rows past num_actual_tokens (batch padding) are neither cached nor attended.
