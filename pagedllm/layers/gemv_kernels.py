@@ -112,7 +112,8 @@ def _store_rows(out, y_ptr, b_ptr, row0, rows, w_rows, N, M, pid_k, stride_ym, s
     if HAS_BIAS:
         out += tl.load(b_ptr + w_rows).to(tl.float32)
     ptrs = y_ptr + pid_k * stride_ys + row0 * stride_ym + rows
-    mask = (rows < N) & (row0 < M)
+    # NOTE: not `(rows < N) & (row0 < M)`: triton 3.9's interpreter makes an int32 mask of that.
+    mask = rows < tl.where(row0 < M, N, 0)
     if PARTIAL:
         tl.store(ptrs, out, mask=mask)
     else:
