@@ -382,3 +382,54 @@ def test_killed_core_fails_pending_and_new_requests(tiny_model_dirs) -> None:
             engine.shutdown()  # idempotent
 
     asyncio.run(main())
+
+
+def test_async_scheduling_in_the_core_process(tiny_model_dirs, llm, loop) -> None:
+    """The engine-core process with async scheduling (the default on CUDA): concurrent streams
+    give `LLM.generate`'s tokens (one step at a time), an abort mid-stream ends only that
+    request, and the core ends idle with no KV block held."""
+    engine = AsyncLLM.from_engine_args(
+        EngineArgs(model=tiny_model_dirs["llama"], async_scheduling=True, **ENGINE_KW),
+        stat_registry=CollectorRegistry(),
+        model_name=MODEL_NAME,
+    )
+    try:
+        rng = random.Random(77)
+        prompts: list = [ids_prompt(rng, rng.randint(1, 70)) for _ in range(6)]
+        params = [
+            SamplingParams(temperature=0, max_tokens=rng.randint(1, 30), ignore_eos=True)
+            for _ in prompts
+        ]
+        params[2] = SamplingParams(temperature=0.8, seed=3, max_tokens=25, logprobs=1)
+        want = llm.generate(prompts, params, use_tqdm=False)
+        long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind=DELTA)
+
+        async def main():
+            outs: list = []
+
+            async def read_long():
+                async for out in engine.generate(list(range(10, 40)), long, "long"):
+                    outs.append(out)
+
+            reader = asyncio.create_task(read_long())
+            results = await asyncio.gather(
+                *(
+                    collect(engine, p, sp, f"a-{i}")
+                    for i, (p, sp) in enumerate(zip(prompts, params))
+                )
+            )
+            while len(outs) < 3:
+                await asyncio.sleep(0.005)
+            await engine.abort("long")
+            await asyncio.wait_for(reader, 10)
+            return results, outs
+
+        results, long_outs = loop.run_until_complete(main())
+        for outs, ref in zip(results, want):
+            assert outs[-1].outputs[0].token_ids == ref.outputs[0].token_ids
+            assert outs[-1].outputs[0].finish_reason == ref.outputs[0].finish_reason
+        assert long_outs[-1].outputs[0].finish_reason == "abort"
+        wait_idle(engine, loop)
+    finally:
+        engine.shutdown()
+        loop.run_until_complete(asyncio.sleep(0))
