@@ -19,14 +19,11 @@ class UniProcExecutor:
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
-
     def launch_model(self, scheduler_output: SchedulerOutput) -> Any:
-        return self.worker.model_runner.launch(scheduler_output)
+        return self.worker.launch_model(scheduler_output)
 
     def collect_output(self, handle: Any) -> ModelRunnerOutput:
-        return self.worker.model_runner.collect(handle)
+        return self.worker.collect_output(handle)
 
     def shutdown(self) -> None:
         pass

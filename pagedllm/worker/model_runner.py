@@ -322,10 +322,6 @@ class ModelRunner:
     # ----- the step -----
 
     @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.collect(self.launch(out))
-
-    @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> InFlightStep | None:
         """Queues the step's work on the device; returns None when nothing runs."""
         self._update_states(out)

@@ -12,7 +12,7 @@ from pagedllm.attention.backend import get_attention_impl_cls, kv_cache_shape
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.utils import cdiv
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.model_runner import InFlightStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,11 @@ class Worker:
         self.model_runner.warm_up()
         self.model_runner.capture_cuda_graphs()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def launch_model(self, scheduler_output: SchedulerOutput) -> InFlightStep | None:
+        return self.model_runner.launch(scheduler_output)
+
+    def collect_output(self, step: InFlightStep | None) -> ModelRunnerOutput:
+        return self.model_runner.collect(step)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -25,13 +25,10 @@ class FakeExecutor:
     def shutdown(self) -> None:
         pass
 
-    def launch_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model(out)
-
     def collect_output(self, handle: ModelRunnerOutput) -> ModelRunnerOutput:
         return handle
 
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def launch_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.steps.append(out)
         for req_id in out.finished_req_ids | out.preempted_req_ids:
             self.tokens.pop(req_id, None)
