@@ -33,6 +33,11 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy", "gguf")
 CONFIGS_DIR = Path(__file__).parent / "configs"
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# vLLM's defaults for GPUs of >= 70 GiB other than the A100 (an H100 or H200): more sequences per
+# step, and for the offline `LLM` twice the tokens (fewer, larger prompt steps; a server keeps
+# 8192 to bound the decode stall a prompt chunk causes).
+LARGE_GPU_MAX_NUM_SEQS = 1024
+LARGE_GPU_OFFLINE_MAX_NUM_BATCHED_TOKENS = 16384
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -82,13 +87,15 @@ class EngineArgs:
     max_logprobs: int = field(default=20, metadata=_help("most logprobs a request may ask for"))
     tensor_parallel_size: int = field(default=1, metadata=_help("GPUs per model replica"))
     disable_log_stats: bool = field(default=True, metadata=_help("no periodic stats in the log"))
+    # NOTE: not a flag: `LLM` sets "offline", which picks the offline scheduler defaults.
+    usage_context: str = field(default="server", metadata={"cli": False})
 
     # ----- CLI -----
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
         for f in dataclasses.fields(cls):
-            if f.name in skip:
+            if f.name in skip or not f.metadata.get("cli", True):
                 continue
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
@@ -111,10 +118,9 @@ class EngineArgs:
         model_path, load_format = _resolve_model(self.model, self.load_format)
         hf_config = get_hf_config(model_path)
         model_config = _build_model_config(self, hf_config, model_path, load_format, device)
-        max_num_seqs = self.max_num_seqs or DEFAULT_MAX_NUM_SEQS
-        max_num_batched_tokens = self.max_num_batched_tokens or max(
-            DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs
-        )
+        default_seqs, default_tokens = _scheduler_defaults(device, self.usage_context)
+        max_num_seqs = self.max_num_seqs or default_seqs
+        max_num_batched_tokens = self.max_num_batched_tokens or max(default_tokens, max_num_seqs)
         kv_cache_memory = (
             None
             if self.kv_cache_memory is None
@@ -157,6 +163,20 @@ def _cli_type(annotation: Any) -> Any:
     if "int" in text:
         return int
     return str
+
+
+def _scheduler_defaults(device: str, usage_context: str) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) when not given: vLLM's choice by device."""
+    if device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        if props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower():
+            tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+            if usage_context == "offline":
+                tokens = LARGE_GPU_OFFLINE_MAX_NUM_BATCHED_TOKENS
+            return LARGE_GPU_MAX_NUM_SEQS, tokens
+    return DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 def _resolve_device(device: str) -> str:

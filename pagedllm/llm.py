@@ -19,6 +19,7 @@ class LLM:
     """An engine for offline batches. Keyword arguments are `EngineArgs` fields."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        kwargs["usage_context"] = "offline"  # NOTE: the LLM class is the offline API
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = itertools.count()

@@ -20,14 +20,14 @@ compiles for sm_90), or less with `--m` / `--shapes`.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from pagedllm.benchmarks.interpreter import use_interpreter
 
 # name -> (K, N, act)
 SHAPES: dict[str, tuple[int, int, str]] = {
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ns = parser.parse_args(argv)
     if ns.device == "cpu":
-        _use_interpreter()
+        use_interpreter()
     from pagedllm.layers import gemv_kernels
 
     shapes = TINY_SHAPES if ns.tiny else SHAPES
@@ -87,19 +87,6 @@ def main(argv: list[str] | None = None) -> None:
         for key, cfg in table.items():
             print(f"    {key!r}: {cfg!r},")
         print("}")
-
-
-def _use_interpreter() -> None:
-    """CPU tensors run the kernels under Triton's interpreter (set before triton is imported)."""
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 before triton is imported")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:  # NOTE: the interpreter's bug fixes live with the tests (a source checkout only)
-        from tests.triton_interpreter import patch_interpreter
-
-        patch_interpreter()
-    except ImportError:
-        pass
 
 
 class _Bench:
@@ -129,20 +116,9 @@ class _Bench:
             torch.cuda.empty_cache()
 
     def time_us(self, make_call: Callable[[torch.Tensor], object], ws: list[torch.Tensor]) -> float:
-        if self.device == "cpu":
-            t0 = time.perf_counter()
-            make_call(ws[0])
-            return (time.perf_counter() - t0) * 1e6
-        from pagedllm.benchmarks.ops import _per_call_us
+        from pagedllm.benchmarks.ops import rotating_call_us
 
-        i = 0
-
-        def call() -> None:
-            nonlocal i
-            make_call(ws[i % len(ws)])
-            i += 1
-
-        return _per_call_us(call, graph=True, reps=max(10, len(ws)), iters=5)
+        return rotating_call_us(self.device, make_call, ws)
 
     def case(
         self,

@@ -11,6 +11,7 @@ First the elementwise kernels against eager torch ops; then the attention prolog
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,23 @@ def _per_call_us(fn, graph: bool, reps: int = 20, iters: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (iters * reps)
+
+
+def rotating_call_us(device: str, call, inputs: list[torch.Tensor]) -> float:  # type: ignore[no-untyped-def]
+    """µs per `call(x)`, cycling through `inputs` (so that they come from memory, not L2): from a
+    CUDA graph on the GPU; on the CPU (Triton's interpreter) one timed call, a smoke test."""
+    if device == "cpu":
+        t0 = time.perf_counter()
+        call(inputs[0])
+        return (time.perf_counter() - t0) * 1e6
+    i = 0
+
+    def step() -> None:
+        nonlocal i
+        call(inputs[i % len(inputs)])
+        i += 1
+
+    return _per_call_us(step, graph=True, reps=max(10, len(inputs)), iters=5)
 
 
 def main() -> None:

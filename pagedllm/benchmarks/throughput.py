@@ -4,9 +4,11 @@ in the same run, HF transformers `generate` in static batches, so the ratio is m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pagedllm.benchmarks.workloads import BenchRequest, t1_requests, t3_requests
@@ -61,6 +63,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="time the engine's step phases over the whole run and print the totals",
     )
     parser.add_argument(
+        "--torch-profile",
+        action="store_true",
+        help="(GPU) run under the torch profiler; print the kernels' GPU time over the whole run",
+    )
+    parser.add_argument(
         "--ceilings",
         action="store_true",
         help="(GPU) measure copy bandwidth and matmul rate; report the workload's lower bound",
@@ -84,6 +91,7 @@ def run_pagedllm(
     temperature: float,
     name: str = "pagedllm",
     profile_phases: bool = False,
+    torch_profile: bool = False,
 ) -> ThroughputResult:
     from pagedllm import LLM, SamplingParams
 
@@ -98,9 +106,10 @@ def run_pagedllm(
         SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True)
         for r in requests
     ]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - start
+    with _kernel_profile(torch_profile):
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - start
     if phases is not None:
         from pagedllm.benchmarks.profile_step import print_phases
 
@@ -182,7 +191,11 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
         if backend == "pagedllm":
             results.append(
                 run_pagedllm(
-                    engine_args, requests, ns.temperature, profile_phases=ns.profile_phases
+                    engine_args,
+                    requests,
+                    ns.temperature,
+                    profile_phases=ns.profile_phases,
+                    torch_profile=ns.torch_profile,
                 )
             )
         elif backend == "pagedllm-no-prefix-caching":
@@ -233,6 +246,28 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
                 indent=2,
             )
     return results
+
+
+@contextlib.contextmanager
+def _kernel_profile(enabled: bool) -> Iterator[None]:
+    """Under `enabled` (and CUDA), profiles the GPU's kernels and prints their time: where a
+    GPU-bound run's time goes (the profiler's overhead makes the run itself slower)."""
+    import torch
+
+    if not (enabled and torch.cuda.is_available()):
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    averages = prof.key_averages()
+    kernel_ms = averages.total_average().self_device_time_total / 1e3
+    print(f"torch profile: {kernel_ms:.0f} ms of kernels in {wall_ms:.0f} ms (profiled run)")
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 def _free_device_memory() -> None:

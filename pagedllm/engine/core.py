@@ -13,6 +13,7 @@ live request samples with penalties or bad words (its sampler reads the ids just
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections import deque
 from typing import Any, Protocol
@@ -52,6 +53,10 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling
         # Launched steps whose results are not collected yet (at most two, oldest first).
         self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
+        # NOTE: start-up's objects (the model, its modules and tensors, graphs, tokenizer) never
+        # die: frozen, the collector stops scanning them in every full collection while serving.
+        gc.collect()
+        gc.freeze()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

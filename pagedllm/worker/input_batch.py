@@ -25,6 +25,19 @@ from pagedllm.worker.staging import HostStager
 
 ToDevice = Callable[[np.ndarray], torch.Tensor]
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: splitmix64's increment
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic): a bijection whose output
+    bits each depend on every input bit."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
 
 class RowTokenTable:
     """Per-row token-id lists (with optional float values), flattened for vectorized lookup."""
@@ -151,6 +164,8 @@ class InputBatch:
         self.num_prompt_logprobs = np.full(max_num_reqs, -1, dtype=np.int64)
         self.generators: dict[int, torch.Generator] = {}  # row → generator of a seeded request
         self.seeded = np.zeros(max_num_reqs, dtype=bool)
+        self.has_seed = np.zeros(max_num_reqs, dtype=bool)  # the kernel path's seeded rows
+        self.seed_keys = np.zeros(max_num_reqs, dtype=np.uint64)  # their mix64(seed)
         self.allowed_token_ids = RowTokenTable()
         self.logit_bias = RowTokenTable()
         self.min_tokens_stop_ids = RowTokenTable()
@@ -194,6 +209,9 @@ class InputBatch:
         self.seeded[row] = generator is not None
         if generator is not None:
             self.generators[row] = generator
+        self.has_seed[row] = sampling_params.seed is not None
+        if sampling_params.seed is not None:
+            self.seed_keys[row] = mix64(np.array([sampling_params.seed & _MASK64], np.uint64))[0]
         return row
 
     def _set_sampling_params(self, row: int, sp: SamplingParams) -> None:
@@ -225,6 +243,7 @@ class InputBatch:
             return
         self.generators.pop(row, None)
         self.seeded[row] = False
+        self.has_seed[row] = False
         for table in (self.allowed_token_ids, self.logit_bias, self.min_tokens_stop_ids):
             table.remove(row)
         self.bad_words.remove(row)
@@ -264,10 +283,15 @@ class InputBatch:
     # ----- sampling metadata -----
 
     def make_sampling_metadata(
-        self, rows: np.ndarray, stager: HostStager, generator: torch.Generator | None
+        self,
+        rows: np.ndarray,
+        stager: HostStager,
+        generator: torch.Generator | None,
+        step_key: int = 0,
     ) -> SamplingMetadata:
         """The sampling parameters of `rows` (the rows that sample this step, in logits order),
-        copied to the device through `stager`."""
+        copied to the device through `stager`. `step_key`: this step's random key (the runner's
+        host RNG), from which the unseeded rows' noise keys come."""
         dev = stager.to_device
         temperature = self.temperature[rows]
         all_greedy = bool((temperature == 0).all())
@@ -281,6 +305,10 @@ class InputBatch:
         if all_greedy:
             return md
         md.temperature = dev(temperature)
+        inv_temperature = np.zeros_like(temperature)
+        np.divide(1, temperature, out=inv_temperature, where=temperature != 0)
+        md.inv_temperature = dev(inv_temperature)
+        md.sample_keys = dev(self.sample_keys(rows, step_key).view(np.int64))
         md.generator = generator
         if self.generators:
             seeded = np.flatnonzero(self.seeded[rows])
@@ -296,6 +324,17 @@ class InputBatch:
         if min_p.any():
             md.min_p = dev(min_p)
         return md
+
+    def sample_keys(self, rows: np.ndarray, step_key: int) -> np.ndarray:
+        """The rows' 64-bit noise keys (uint64) for `sample_kernels`. A seeded row's depends only
+        on its seed and the output position being sampled (`num_tokens` counts the ids of steps
+        still in flight), so it is the same in any batch, after a preemption and with async
+        scheduling; an unseeded row's mixes `step_key` with the row's index in the step."""
+        has_seed = self.has_seed[rows]
+        position = (self.num_tokens[rows] - self.num_prompt_tokens[rows]).astype(np.uint64)
+        counter = np.where(has_seed, position, np.arange(len(rows), dtype=np.uint64))
+        base = np.where(has_seed, self.seed_keys[rows], np.uint64(step_key & _MASK64))
+        return mix64(base + counter * _GOLDEN)
 
     def _add_token_masks(
         self, md: SamplingMetadata, rows: np.ndarray, pos: np.ndarray, dev: ToDevice

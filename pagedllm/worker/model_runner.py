@@ -92,6 +92,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.model_config.seed)
+        # The kernel path's unseeded noise: one key per step, drawn on the host (no device sync).
+        self.sample_rng = np.random.default_rng(config.model_config.seed)
         # NOTE: a seeded request's generator outlives its preemptions, so its samples do not
         # depend on what happened to the batch around it.
         self.seeded_generators: dict[str, torch.Generator] = {}
@@ -107,7 +109,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compiles the attention kernels' variants before the first request, so that no
         request waits for Triton's JIT: a prompt chunk beside a decode token, then a lone
-        decode over a long context (the split-KV path).
+        decode over a long context (the split-KV path); then the sampler's kernel.
 
         NOTE: every position maps to block 0, which gets finite garbage; harmless, as a block's
         slots are always written before they are read once a request owns it."""
@@ -122,7 +124,10 @@ class ModelRunner:
             ids = torch.zeros(n, dtype=torch.int64, device=self.device)
             with set_forward_context(md):
                 hidden = self.model(ids, torch.zeros_like(ids))
-            self.model.compute_logits(hidden[-1:]).argmax(-1)
+            logits = self.model.compute_logits(hidden[-1:])
+        from pagedllm.worker import sample_kernels
+
+        sample_kernels.warm_up(logits)
         torch.cuda.synchronize(self.device)
 
     def capture_cuda_graphs(self) -> None:
@@ -347,7 +352,10 @@ class ModelRunner:
         sampling_hidden = hidden[:num_sampled] if indices is None else hidden[indices]
         logits = self.model.compute_logits(sampling_hidden)
         md = self.input_batch.make_sampling_metadata(
-            inputs.sample_rows, self.stager, self.generator
+            inputs.sample_rows,
+            self.stager,
+            self.generator,
+            step_key=int(self.sample_rng.integers(1 << 63)),
         )
         sampled = self.sampler(logits[:num_sampled], md)
         prompt_lp = None

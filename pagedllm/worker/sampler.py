@@ -8,6 +8,12 @@ All rows of a step are sampled together, each with its own parameters, as whole-
   → repetition / frequency / presence penalties → greedy argmax
   → temperature → min_p → top-k → top-p → random sample (the exponential race).
 
+On CUDA the ids come from one Triton pass over the logits (`sample_kernels.sample_rows`: the
+argmax, or Gumbel-max with noise hashed from per-row keys), which reads the model's bf16 logits
+when no row needs them processed or their logprobs (no fp32 copy); rows with min_p, top-k or
+top-p are masked by the torch ops first. The CPU keeps the torch ops and torch generators (the
+kernel runs there only under Triton's interpreter, for tests).
+
 NOTE: everything stays on the device; the caller brings back only the ids and their logprobs.
 """
 
@@ -58,6 +64,10 @@ class SamplingMetadata:
     min_p: torch.Tensor | None = None  # float32 [R], 0 = off
     generator: torch.Generator | None = None  # shared by the unseeded rows
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row → its own
+    # The kernel path's (see `sample_kernels`): float32 [R] 1 / T, 0 for greedy rows (None: from
+    # `temperature`), and int64 [R] noise keys (seeded rows: from (seed, output position)).
+    inv_temperature: torch.Tensor | None = None
+    sample_keys: torch.Tensor | None = None
     allowed: TokenPairs | None = None  # the allowed ids of the rows that restrict them
     allowed_rows: torch.Tensor | None = None  # int64: the rows that restrict them
     banned: TokenPairs | None = None
@@ -211,14 +221,43 @@ def apply_top_k_top_p_candidates(
     return out.scatter_(1, indices, values)
 
 
+def apply_filters(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """min_p, then top-k and top-p, on temperature-scaled logits (in place, or a new tensor)."""
+    if md.min_p is not None:
+        apply_min_p(logits, md.min_p)
+    if md.top_p is not None and md.top_k is not None and md.top_k_in_all_rows:
+        return apply_top_k_top_p_candidates(logits, md.top_k, md.max_top_k, md.top_p)
+    if md.top_p is not None:
+        return apply_top_k_top_p(logits, md.top_k, md.top_p)
+    if md.top_k is not None:
+        apply_top_k(logits, md.top_k, md.max_top_k)
+    return logits
+
+
+def _has_processors(md: SamplingMetadata) -> bool:
+    return any(p is not None for p in (md.allowed, md.banned, md.logit_bias, md.penalties))
+
+
+def _has_filters(md: SamplingMetadata) -> bool:
+    return not md.all_greedy and any(p is not None for p in (md.min_p, md.top_k, md.top_p))
+
+
 class Sampler:
+    def __init__(self, use_kernel: bool | None = None) -> None:
+        """`use_kernel`: pick the ids with `sample_kernels` (None: when the logits are on CUDA;
+        True on the CPU needs Triton's interpreter, for tests)."""
+        self.use_kernel = use_kernel
+
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
+        kernel = logits.is_cuda if self.use_kernel is None else self.use_kernel
+        # NOTE: the kernel reads any float dtype: it needs fp32 logits only when they change.
+        if not kernel or _has_processors(md) or _has_filters(md) or md.max_num_logprobs is not None:
+            logits = logits.float()
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = logits.log_softmax(dim=-1)
         self._apply_logits_processors(logits, md)
-        token_ids = self._sample(logits, md)
+        token_ids = self._sample_kernel(logits, md) if kernel else self._sample(logits, md)
         logprobs = None
         if raw_logprobs is not None:
             assert md.max_num_logprobs is not None
@@ -254,13 +293,32 @@ class Sampler:
         greedy_rows = md.temperature == 0
         greedy = None if md.all_random else argmax_rows(logits)
         logits.div_(torch.where(greedy_rows, 1.0, md.temperature).unsqueeze(1))
-        if md.min_p is not None:
-            apply_min_p(logits, md.min_p)
-        if md.top_p is not None and md.top_k is not None and md.top_k_in_all_rows:
-            logits = apply_top_k_top_p_candidates(logits, md.top_k, md.max_top_k, md.top_p)
-        elif md.top_p is not None:
-            logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
-        elif md.top_k is not None:
-            apply_top_k(logits, md.top_k, md.max_top_k)
+        logits = apply_filters(logits, md)
         sampled = random_sample(logits.softmax(dim=-1), md.generator, md.generators)
         return sampled if greedy is None else torch.where(greedy_rows, greedy, sampled)
+
+    @staticmethod
+    def _sample_kernel(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """The ids from one pass of `sample_kernels.sample_rows`. Rows with min_p / top-k / top-p
+        get the torch masks (on `logits` scaled by 1 / T, as `_sample`), and the kernel then draws
+        from `logits` with the masked entries at -inf: a row without those parameters reads
+        exactly the values it would read in a batch without them, so a seeded row's draw does
+        not depend on its neighbours' parameters. Greedy rows read the unmasked logits."""
+        from pagedllm.worker import sample_kernels
+
+        if md.all_greedy:
+            return sample_kernels.sample_rows(logits)
+        assert md.temperature is not None
+        assert md.sample_keys is not None, "the kernel path needs InputBatch's sample keys"
+        inv_temp = md.inv_temperature
+        if inv_temp is None:
+            t = md.temperature
+            inv_temp = torch.where(t == 0, 0.0, 1.0 / t.clamp_min(1e-30))
+        if _has_filters(md):
+            greedy_rows = inv_temp == 0
+            scaled = logits * torch.where(greedy_rows, 1.0, inv_temp).unsqueeze(1)
+            dropped = apply_filters(scaled, md).isneginf()
+            if not md.all_random:
+                dropped &= ~greedy_rows.unsqueeze(1)
+            logits = logits.masked_fill(dropped, float("-inf"))
+        return sample_kernels.sample_rows(logits, inv_temp, md.sample_keys)

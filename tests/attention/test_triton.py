@@ -307,6 +307,8 @@ def test_choose_num_splits() -> None:
     assert kernels.choose_num_splits(256, 8, 2048, 64, 132) == 1
     assert kernels.choose_num_splits(1, 8, 100, 64, 132) == 1
     assert kernels.choose_num_splits(4, 2, 10**6, 64, 132) == 33
+    assert kernels.choose_num_splits(24, 8, 1600, 64, 132) == 2  # 192 programs: two splits
+    assert kernels.choose_num_splits(48, 8, 1600, 64, 132) == 1  # 384 programs: none
 
 
 def test_registered_as_default_cuda_backend() -> None:

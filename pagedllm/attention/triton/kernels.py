@@ -408,9 +408,12 @@ def _num_sms(device: torch.device) -> int:
 def choose_num_splits(
     num_reqs: int, num_kv_heads: int, max_kv_len: int, block_n: int, num_sms: int
 ) -> int:
-    """KV splits per (request, KV head) of a decode launch: enough programs for ~2 waves."""
+    """KV splits per (request, KV head) of a decode launch: enough programs for ~2 waves.
+
+    NOTE: measured on an H200 (qwen3-0.6b layer, ~1.5k context): 24 and 32 requests (192 and
+    256 programs) read 16 % and 5 % faster split in two; from 384 programs splitting loses."""
     programs = num_reqs * num_kv_heads
-    if programs >= num_sms:
+    if programs >= 2 * num_sms:
         return 1
     splits = min(
         triton.cdiv(2 * num_sms, programs),
