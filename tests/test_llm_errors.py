@@ -32,6 +32,10 @@ def assert_idle(llm: LLM) -> None:
         ({"foo": 1}, "prompt"),
         (3.5, "prompt"),
         ({"prompt_token_ids": ["a"]}, "prompt_token_ids"),
+        ([5, True, 6], "list of integers"),
+        ([5, 6.0], "list of integers"),
+        ([5, None], "list of integers"),
+        ([5, 6, VOCAB_SIZE], "vocabulary"),
     ],
 )
 def test_bad_prompt_is_a_value_error_and_changes_nothing(llm: LLM, prompt, match) -> None:
@@ -42,6 +46,20 @@ def test_bad_prompt_is_a_value_error_and_changes_nothing(llm: LLM, prompt, match
     assert_idle(llm)
     out = llm.generate([good], params, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+    assert_idle(llm)
+
+
+def test_int_subclass_ids_are_accepted(llm: LLM) -> None:
+    """Ids of an int subclass (an IntEnum, say) pass the slow path of the type check."""
+    import enum
+
+    class Tok(enum.IntEnum):
+        A = 5
+        B = 6
+
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    out = llm.generate([[Tok.A, Tok.B, 7]], params, use_tqdm=False)
+    assert out[0].prompt_token_ids == [5, 6, 7]
     assert_idle(llm)
 
 

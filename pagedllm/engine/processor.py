@@ -39,12 +39,15 @@ class Processor:
         )
 
     def _check_ids(self, ids: Any) -> list[int]:
-        if not isinstance(ids, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in ids
+        # NOTE: the set of types and min/max run in C: a per-id Python check cost ~0.5 ms for a
+        # 1k-token prompt (256 of them delayed T1's first step by ~0.1 s).
+        if not isinstance(ids, (list, tuple)) or not (
+            set(map(type, ids)) <= {int}
+            or all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
         ):
             raise ValueError("prompt_token_ids must be a list of integers")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             raise ValueError(
                 f"prompt_token_ids hold ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}"
             )
