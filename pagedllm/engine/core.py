@@ -126,3 +126,4 @@ class EngineCore:
     def shutdown(self) -> None:
         self._in_flight.clear()
         self.executor.shutdown()
+        gc.unfreeze()  # NOTE: what start-up froze may be collected again (and at exit)
