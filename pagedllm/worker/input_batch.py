@@ -287,11 +287,12 @@ class InputBatch:
         rows: np.ndarray,
         stager: HostStager,
         generator: torch.Generator | None,
-        step_key: int = 0,
+        step_key: int | None = None,
     ) -> SamplingMetadata:
         """The sampling parameters of `rows` (the rows that sample this step, in logits order),
         copied to the device through `stager`. `step_key`: this step's random key (the runner's
-        host RNG), from which the unseeded rows' noise keys come."""
+        host RNG), from which the unseeded rows' noise keys come; None when the sampler takes
+        the torch path, which needs no keys."""
         dev = stager.to_device
         temperature = self.temperature[rows]
         all_greedy = bool((temperature == 0).all())
@@ -305,10 +306,11 @@ class InputBatch:
         if all_greedy:
             return md
         md.temperature = dev(temperature)
-        inv_temperature = np.zeros_like(temperature)
-        np.divide(1, temperature, out=inv_temperature, where=temperature != 0)
-        md.inv_temperature = dev(inv_temperature)
-        md.sample_keys = dev(self.sample_keys(rows, step_key).view(np.int64))
+        if step_key is not None:
+            inv_temperature = np.zeros_like(temperature)
+            np.divide(1, temperature, out=inv_temperature, where=temperature != 0)
+            md.inv_temperature = dev(inv_temperature)
+            md.sample_keys = dev(self.sample_keys(rows, step_key).view(np.int64))
         md.generator = generator
         if self.generators:
             seeded = np.flatnonzero(self.seeded[rows])

@@ -180,7 +180,9 @@ class ModelRunner:
             batch.append_block_ids(batch.req_to_row[cached.req_id], cached.new_block_ids)
 
     def _seeded_generator(self, req_id: str, seed: int | None) -> torch.Generator | None:
-        if seed is None:
+        """A seeded request's torch generator, for the torch sampler only (the kernel keys its
+        noise by seed and position)."""
+        if seed is None or self.sampler.uses_kernel(self.device):
             return None
         gen = self.seeded_generators.get(req_id)
         if gen is None:
@@ -355,7 +357,11 @@ class ModelRunner:
             inputs.sample_rows,
             self.stager,
             self.generator,
-            step_key=int(self.sample_rng.integers(1 << 63)),
+            step_key=(
+                int(self.sample_rng.integers(1 << 63))
+                if self.sampler.uses_kernel(self.device)
+                else None
+            ),
         )
         sampled = self.sampler(logits[:num_sampled], md)
         prompt_lp = None

@@ -248,8 +248,12 @@ class Sampler:
         True on the CPU needs Triton's interpreter, for tests)."""
         self.use_kernel = use_kernel
 
+    def uses_kernel(self, device: torch.device) -> bool:
+        """Whether ids on `device` come from `sample_kernels` (which needs the rows' keys)."""
+        return device.type == "cuda" if self.use_kernel is None else self.use_kernel
+
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        kernel = logits.is_cuda if self.use_kernel is None else self.use_kernel
+        kernel = self.uses_kernel(logits.device)
         # NOTE: the kernel reads any float dtype: it needs fp32 logits only when they change.
         if not kernel or _has_processors(md) or _has_filters(md) or md.max_num_logprobs is not None:
             logits = logits.float()
