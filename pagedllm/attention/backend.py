@@ -36,6 +36,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [num_actual_tokens], device
     query_start_loc_cpu: torch.Tensor  # int32 [num_reqs + 1], host
     seq_lens_cpu: torch.Tensor  # int32 [num_reqs], host
+    # int32 [num_reqs], device: a permutation of the requests, longest context first (see
+    # `attention.utils.decode_order`); the order a backend may schedule per-request work in so
+    # that the longest requests do not start last. None: request order.
+    decode_order: torch.Tensor | None = None
 
 
 def kv_cache_shape(

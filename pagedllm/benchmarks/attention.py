@@ -14,6 +14,7 @@ Needs only torch and triton.
 from __future__ import annotations
 
 import argparse
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,13 @@ CASES = [
     Case("qwen3_decode_b128_1k", [(1023, 1)] * 128, True, heads=16),
     Case("qwen3_decode_b256_1k", [(1023, 1)] * 256, True, heads=16),
     Case("qwen3_decode_b256_2k", [(2047, 1)] * 256, True, heads=16),
+    # T1-like: 256 requests of random context lengths (300-2000), in random order.
+    Case(
+        "qwen3_decode_b256_mixed",
+        [(random.Random(i).randint(300, 2000) - 1, 1) for i in range(256)],
+        False,
+        heads=16,
+    ),
 ]
 
 
@@ -166,6 +174,9 @@ def run_case(case: Case, dtype: torch.dtype) -> None:
     if is_decode and len(case.specs) * case.kv_heads < num_sms:  # auto splits: show without
         no_split = triton_impl(1, case.heads, case.kv_heads)
         report(case, "triton no-split (graph)", bench(as_graph(forward_fn(no_split, inp))), inp)
+    if is_decode and not case.dense:  # lengths differ: show the requests in their given order
+        inp.metadata.decode_order = None
+        report(case, "triton req order (graph)", bench(as_graph(forward_fn(tri, inp))), inp)
     report(case, "torch_ref (eager)", bench(forward_fn(ref, inp)), inp)
     if case.dense:
         report(case, "dense sdpa (graph)", bench(as_graph(dense_sdpa_fn(case, inp))), inp)

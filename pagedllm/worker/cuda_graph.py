@@ -7,8 +7,9 @@ graph of `G >= B` rows, with rows `B..G` as padding. Larger or mixed (prompt) st
 
 The graphs read their inputs from static device buffers owned here; the runner copies a step's
 inputs into them before `replay`. Padding rows are inert: slot -1 (the K/V write skips it), an
-empty query range (`query_start_loc` stays at `B`) and context length 0, so the attention kernel
-reads nothing for them. Their hidden rows hold garbage, which nothing reads.
+empty query range (`query_start_loc` stays at `B`), context length 0 and the last places of the
+decode order, so the attention kernel reads nothing for them. Their hidden rows hold garbage,
+which nothing reads.
 
 NOTE: the attention metadata's host ints are frozen at capture: `max_seq_len` is the model's
 `max_model_len`, so the Triton backend's KV-split count is the one for the longest context (the
@@ -62,6 +63,7 @@ class CudaGraphRunner:
         self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
         self.seq_lens = torch.zeros(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
+        self.decode_order = torch.arange(n, dtype=i32, device=device)
         self.block_table = torch.zeros(n, max_blocks_per_req, dtype=i32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
@@ -98,6 +100,7 @@ class CudaGraphRunner:
             # NOTE: graph-safe backends never read the host copies; these only fill the fields.
             query_start_loc_cpu=torch.arange(size + 1, dtype=torch.int32),
             seq_lens_cpu=torch.zeros(size, dtype=torch.int32),
+            decode_order=self.decode_order[:size],
         )
 
     @torch.inference_mode()

@@ -21,7 +21,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.layer import Attention
-from pagedllm.attention.utils import build_metadata
+from pagedllm.attention.utils import build_metadata, decode_order
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedllm.forward_context import set_forward_context
@@ -215,6 +215,8 @@ class ModelRunner:
         query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
         query_start_loc[1:] = cu
         seq_lens32 = seq_lens.astype(np.int32)
+        # NOTE: only the GPU's attention backend schedules by it; the CPU's ignores it.
+        order = decode_order(seq_lens32) if self.device.type == "cuda" else None
 
         sample_mask = seq_lens == batch.num_tokens[rows]
         logits_indices = (cu - 1)[sample_mask]
@@ -235,6 +237,7 @@ class ModelRunner:
                 slot_mapping=st.to_device(slot_mapping),
                 query_start_loc_cpu=torch.from_numpy(query_start_loc),
                 seq_lens_cpu=torch.from_numpy(seq_lens32),
+                decode_order=None if order is None else st.to_device(order),
             )
             ids_t, positions_t = st.to_device(input_ids), st.to_device(positions)
         else:
@@ -246,6 +249,9 @@ class ModelRunner:
             st.copy_into(_pad(slot_mapping, size, -1), g.slot_mapping[:size])
             st.copy_into(_pad(seq_lens32, size, 0), g.seq_lens[:size])
             st.copy_into(_pad(query_start_loc, size + 1, num_reqs), g.query_start_loc[: size + 1])
+            if order is not None:
+                padded_order = np.concatenate([order, np.arange(num_reqs, size, dtype=np.int32)])
+                st.copy_into(padded_order, g.decode_order[:size])
             g.block_table[:num_reqs, :max_blocks].copy_(st.to_device(block_table))
             metadata = g.metadata(size)
             ids_t, positions_t = g.input_ids[:size], g.positions[:size]

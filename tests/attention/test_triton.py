@@ -13,6 +13,7 @@ Two modes:
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ from pagedllm.attention.backend import AttentionMetadata, get_attention_impl_cls
 from pagedllm.attention.torch_ref import TorchRefAttention  # noqa: E402
 from pagedllm.attention.triton import kernels  # noqa: E402
 from pagedllm.attention.triton.backend import TritonAttention  # noqa: E402
-from pagedllm.attention.utils import build_metadata  # noqa: E402
+from pagedllm.attention.utils import build_metadata, decode_order  # noqa: E402
 from tests.attention.test_torch_ref import NUM_KV_HEADS, Case, dense_attention, make_case  # noqa: E402
 from tests.triton_interpreter import one_thread, patch_interpreter  # noqa: E402, F401
 
@@ -54,6 +55,7 @@ def to_device(case: Case, device: str) -> Case:
         slot_mapping=md.slot_mapping.to(device),
         query_start_loc_cpu=md.query_start_loc_cpu,
         seq_lens_cpu=md.seq_lens_cpu,
+        decode_order=None if md.decode_order is None else md.decode_order.to(device),
     )
     for name in ("query", "key", "value", "kv_cache"):
         setattr(case, name, getattr(case, name).to(device))
@@ -164,6 +166,29 @@ def test_decode_split_kv(num_kv_splits: int | None, sliding_window: int | None) 
     specs = [(c, 1) for c in (300, 0, 77, 160, 1)]
     case = new_case(specs, 8, 64, 16, seed=21)
     check(case, 8, sliding_window, num_kv_splits=num_kv_splits)
+
+
+def test_decode_order_is_longest_first() -> None:
+    order = decode_order(np.array([5, 90, 7, 90, 1, 300], dtype=np.int32))
+    assert order.dtype == np.int32
+    assert order.tolist() == [5, 1, 3, 2, 0, 4]  # ties keep request order
+
+
+@pytest.mark.parametrize("order", ["longest_first", "shuffled", "none"])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode_launch_request_order(order: str, num_kv_splits: int) -> None:
+    """The decode launch visits requests in `decode_order` (any permutation, or request order
+    without one); every request's output is its own, in pure-decode and mixed batches."""
+    for specs in ([(c, 1) for c in (30, 200, 0, 77, 160, 5)], [(64, 1), (0, 40), (150, 1), (9, 2)]):
+        case = new_case(specs, 8, 64, 16, seed=23)
+        md = case.metadata
+        assert md.decode_order is not None  # build_metadata's: longest first
+        if order == "shuffled":
+            perm = torch.randperm(md.num_reqs, generator=torch.Generator().manual_seed(3))
+            md.decode_order = perm.to(torch.int32).to(DEVICE)
+        elif order == "none":
+            md.decode_order = None
+        check(case, 8, None, num_kv_splits=num_kv_splits)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 23])

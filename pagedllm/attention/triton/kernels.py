@@ -7,7 +7,9 @@ Owns:
   launched as
   * the *decode* launch: one program per (request, KV head[, KV split]) for the requests of at
     most `BLOCK_Q = BLOCK_M // G` query rows; the `G` query heads of a KV head are rows of one
-    tile, so each K/V tile is read once per KV head. With `num_splits > 1` (flash-decoding)
+    tile, so each K/V tile is read once per KV head. Programs visit the requests in the
+    metadata's `decode_order` (longest context first: no long program starts last). With
+    `num_splits > 1` (flash-decoding)
     each program covers a slice of its request's KV range and writes fp32 partials that
     `_reduce_splits_kernel` combines;
   * the *varlen* launch: one program per (`BLOCK_Q` query tokens of one request, KV head) for
@@ -213,6 +215,7 @@ def _paged_attention_kernel(
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    order_ptr,  # int32 [num_reqs]: the decode launch's request order (HAS_ORDER only)
     part_acc_ptr,  # fp32 [T, H, num_splits, D] (SPLIT only)
     part_m_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
     part_l_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
@@ -237,6 +240,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_DECODE: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
     SPLIT: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -246,6 +250,8 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(0)
     if IS_DECODE:
         req = tl.program_id(1)
+        if HAS_ORDER:  # longest context first: the long programs must not start last
+            req = tl.load(order_ptr + req)
         q_block = 0
     else:
         pid = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -494,6 +500,7 @@ def _launch(
 ) -> None:
     md, query, output = a.metadata, a.query, a.output
     key_cache, value_cache = a.kv_cache[0], a.kv_cache[1]
+    order = md.decode_order if is_decode else None
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     num_heads = query.shape[1]
     group = num_heads // num_kv_heads
@@ -514,6 +521,7 @@ def _launch(
         md.block_table,
         md.seq_lens,
         md.query_start_loc,
+        md.seq_lens if order is None else order,  # unused without HAS_ORDER
         part_acc,
         part_m,
         part_l,
@@ -538,6 +546,7 @@ def _launch(
         BLOCK_Q=tiles.block_m // group,
         BLOCK_N=tiles.block_n,
         IS_DECODE=is_decode,
+        HAS_ORDER=order is not None,
         SPLIT=split,
         USE_WINDOW=a.sliding_window is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
