@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.layer import Attention
@@ -128,7 +129,17 @@ class ModelRunner:
         from pagedllm.worker import sample_kernels
 
         sample_kernels.warm_up(logits)
+        hidden_size = hidden.shape[-1]
+        for rows in logits_row_buckets(self.config.scheduler_config.max_num_seqs):
+            self.model.compute_logits(hidden.new_zeros(rows, hidden_size))
         torch.cuda.synchronize(self.device)
+
+    def _logits_rows(self, num_rows: int) -> int:
+        """The rows the LM head computes for `num_rows` sampled (and prompt-logprob) rows: on
+        the GPU, the bucket that `warm_up` ran (see `logits_row_bucket`)."""
+        if self.device.type != "cuda":
+            return num_rows
+        return logits_row_bucket(num_rows)
 
     def capture_cuda_graphs(self) -> None:
         """Captures the decode graphs (after the KV cache is bound), unless the config says
@@ -357,8 +368,17 @@ class ModelRunner:
         if plan is not None:
             assert indices is not None
             indices = torch.cat([indices, self.stager.to_device(plan.indices)])
-        sampling_hidden = hidden[:num_sampled] if indices is None else hidden[indices]
-        logits = self.model.compute_logits(sampling_hidden)
+        num_rows = num_sampled if indices is None else indices.shape[0]
+        padded = self._logits_rows(num_rows)
+        if indices is None and hidden.shape[0] >= padded:
+            sampling_hidden = hidden[:padded]
+        else:
+            if indices is None:
+                indices = torch.arange(num_rows, device=hidden.device)
+            if padded > num_rows:  # padding rows repeat row 0; their logits are dropped
+                indices = F.pad(indices, (0, padded - num_rows))
+            sampling_hidden = hidden[indices]
+        logits = self.model.compute_logits(sampling_hidden)[:num_rows]
         md = self.input_batch.make_sampling_metadata(
             inputs.sample_rows,
             self.stager,
@@ -464,6 +484,27 @@ class HostLogprobs:
             ranks=self.ranks[begin:end].tolist(),
             start=start,
         )
+
+
+def logits_row_bucket(num_rows: int) -> int:
+    """1, 2, 4 or 8 rows, then multiples of 16: the few row counts the LM head runs at.
+
+    NOTE: cuBLAS picks its kernel by the row count, and the first launch of a kernel not used
+    before in the process loads its code (CUDA's lazy loading), which blocks the host until the
+    GPU is idle: measured on an H200, a 100 ms wait for a GEMM with a new row count behind
+    100 ms of queued work. With every step's LM head at a new count (requests finish one by one;
+    prompt steps sample any number of rows) that drained the GPU's queue again and again. A
+    handful of buckets, all run by `ModelRunner.warm_up`, removes those waits; padding a step
+    to its bucket costs at most 15 rows of the LM head."""
+    if num_rows <= 8:
+        return 1 << max(num_rows - 1, 0).bit_length()
+    return -(-num_rows // 16) * 16
+
+
+def logits_row_buckets(max_rows: int) -> list[int]:
+    """Every bucket up to the one of `max_rows`."""
+    top = logits_row_bucket(max_rows)
+    return [b for b in (1, 2, 4, 8) if b <= top] + list(range(16, top + 1, 16))
 
 
 def _pad(a: np.ndarray, size: int, value: int) -> np.ndarray:
