@@ -1,0 +1,97 @@
+"""How long the host blocks when a GEMM runs at a row count new to the process (GPU).
+
+    python -m pagedllm.benchmarks.first_launch
+
+CUDA loads a kernel's code at its first launch (lazy loading), and that load waits until the GPU
+is idle: a host that queues work ahead of the GPU (async scheduling) then loses its lead, and
+the GPU idles while the host catches up. cuBLAS picks its kernel by the GEMM's shape, so a new
+row count may mean a new kernel. Prints, behind ~QUEUED_MS of queued GPU work:
+1. the LM head (qwen3-0.6b's 151,936 x 1,024) at new row counts, then at the same ones again,
+   and at the row buckets `ModelRunner.warm_up` runs (`logits_row_bucket`);
+2. qwen3-0.6b's four layer GEMMs at random row counts up to 16,384 (what eager prompt steps
+   see) after warming a grid of row counts, for a few grid steps: how many calls still block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from pagedllm.worker.model_runner import logits_row_bucket, logits_row_buckets
+
+HIDDEN, VOCAB = 1024, 151936
+LAYER_SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o, gate_up, down
+QUEUED_MS = 20
+BLOCKED_MS = 4.0
+
+
+def _queue_work() -> None:
+    """Keeps the GPU busy for about QUEUED_MS (a spin kernel)."""
+    torch.cuda._sleep(int(QUEUED_MS * 2e6))  # ~2 GHz clock: cycles
+
+
+def _host_ms(weights: list[torch.Tensor], rows: int) -> float:
+    """Host ms of `rows`-row GEMMs with each weight, issued behind queued GPU work."""
+    inputs = [torch.zeros(rows, w.shape[1], device="cuda", dtype=w.dtype) for w in weights]
+    torch.cuda.synchronize()
+    _queue_work()
+    start = time.perf_counter()
+    for x, w in zip(inputs, weights):
+        F.linear(x, w)
+    elapsed = (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def lm_head() -> None:
+    weight = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    print(f"LM head {VOCAB} x {HIDDEN}, behind ~{QUEUED_MS} ms of queued work (host ms):")
+    for rows in (29, 57, 85, 285, 300):
+        first, again = _host_ms([weight], rows), _host_ms([weight], rows)
+        print(f"  {rows:4d} rows: first call {first:7.2f}, again {again:6.2f}")
+    for rows in logits_row_buckets(512):
+        _host_ms([weight], rows)
+    worst = max(_host_ms([weight], logits_row_bucket(r)) for r in range(1, 513, 7))
+    print(f"  after warming the buckets, row counts 1-512 padded to theirs: worst {worst:.2f}")
+
+
+def layer_grid(step: int) -> None:
+    """Warms the layer GEMMs at multiples of 16 up to 512, then of `step` (0: none) up to 16k;
+    counts the random row counts whose four GEMMs still block."""
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in LAYER_SHAPES]
+    grid = list(range(16, 513, 16)) + (list(range(512 + step, 16385, step)) if step else [])
+    for rows in grid:
+        for w in weights:
+            F.linear(torch.zeros(rows, w.shape[1], device="cuda", dtype=w.dtype), w)
+    rng = random.Random(0)
+    counts = [rng.randint(1, 16384) for _ in range(100)]
+    blocked = sum(_host_ms(weights, rows) > BLOCKED_MS for rows in counts)
+    print(
+        f"  grid step {step or '-':>4} ({len(grid):3d} row counts warmed): {blocked} of 100 block"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", type=int, help="(internal) run one layer grid step only")
+    ns = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    if ns.grid is not None:
+        layer_grid(ns.grid)
+        return
+    print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
+    lm_head()
+    print("qwen3-0.6b layer GEMMs at 100 random row counts (1-16,384), after a warm-up grid:")
+    for step in (0, 512, 128):  # NOTE: one process each: loaded kernels stay loaded
+        subprocess.run([sys.executable, "-m", __spec__.name, "--grid", str(step)], check=True)
+
+
+if __name__ == "__main__":
+    main()
