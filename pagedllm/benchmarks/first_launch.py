@@ -7,9 +7,10 @@ is idle: a host that queues work ahead of the GPU (async scheduling) then loses 
 the GPU idles while the host catches up. cuBLAS picks its kernel by the GEMM's shape, so a new
 row count may mean a new kernel. Prints, behind ~QUEUED_MS of queued GPU work:
 1. the LM head (qwen3-0.6b's 151,936 x 1,024) at new row counts, then at the same ones again,
-   and at the row buckets `ModelRunner.warm_up` runs (`logits_row_bucket`);
+   and at the row buckets `ModelRunner.warm_up` runs (`row_bucket`);
 2. qwen3-0.6b's four layer GEMMs at random row counts up to 16,384 (what eager prompt steps
-   see) after warming a grid of row counts, for a few grid steps: how many calls still block.
+   see): how many still block with no warm-up, after warming a grid, and padded to the runner's
+   warmed buckets.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from pagedllm.worker.model_runner import logits_row_bucket, logits_row_buckets
+from pagedllm.worker.model_runner import padded_rows, row_buckets
 
 HIDDEN, VOCAB = 1024, 151936
 LAYER_SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o, gate_up, down
@@ -55,42 +56,54 @@ def lm_head() -> None:
     for rows in (29, 57, 85, 285, 300):
         first, again = _host_ms([weight], rows), _host_ms([weight], rows)
         print(f"  {rows:4d} rows: first call {first:7.2f}, again {again:6.2f}")
-    for rows in logits_row_buckets(512):
+    for rows in row_buckets(512):
         _host_ms([weight], rows)
-    worst = max(_host_ms([weight], logits_row_bucket(r)) for r in range(1, 513, 7))
+    worst = max(_host_ms([weight], padded_rows(r, 512)) for r in range(1, 513, 7))
     print(f"  after warming the buckets, row counts 1-512 padded to theirs: worst {worst:.2f}")
 
 
-def layer_grid(step: int) -> None:
-    """Warms the layer GEMMs at multiples of 16 up to 512, then of `step` (0: none) up to 16k;
-    counts the random row counts whose four GEMMs still block."""
+MODES = {
+    "none": "no warm-up",
+    "grid": "a grid warmed (multiples of 16 to 512, of 128 to 16,384), counts as they are",
+    "buckets": "`row_buckets(16384)` warmed, counts padded to theirs (what the runner does)",
+}
+
+
+def layer_grid(mode: str) -> None:
+    """Warms qwen3's layer GEMMs as `mode` says; counts the random row counts whose four GEMMs
+    still block."""
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in LAYER_SHAPES]
-    grid = list(range(16, 513, 16)) + (list(range(512 + step, 16385, step)) if step else [])
-    for rows in grid:
+    cap = 16384
+    warmed = {
+        "none": [],
+        "grid": list(range(16, 513, 16)) + list(range(640, cap + 1, 128)),
+        "buckets": row_buckets(cap),
+    }[mode]
+    for rows in warmed:
         for w in weights:
             F.linear(torch.zeros(rows, w.shape[1], device="cuda", dtype=w.dtype), w)
     rng = random.Random(0)
-    counts = [rng.randint(1, 16384) for _ in range(100)]
+    counts = [rng.randint(1, cap) for _ in range(100)]
+    if mode == "buckets":
+        counts = [padded_rows(rows, cap) for rows in counts]
     blocked = sum(_host_ms(weights, rows) > BLOCKED_MS for rows in counts)
-    print(
-        f"  grid step {step or '-':>4} ({len(grid):3d} row counts warmed): {blocked} of 100 block"
-    )
+    print(f"  {MODES[mode]}: {blocked} of 100 block")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", type=int, help="(internal) run one layer grid step only")
+    parser.add_argument("--mode", choices=sorted(MODES), help="(internal) one layer test only")
     ns = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
-    if ns.grid is not None:
-        layer_grid(ns.grid)
+    if ns.mode is not None:
+        layer_grid(ns.mode)
         return
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
     lm_head()
-    print("qwen3-0.6b layer GEMMs at 100 random row counts (1-16,384), after a warm-up grid:")
-    for step in (0, 512, 128):  # NOTE: one process each: loaded kernels stay loaded
-        subprocess.run([sys.executable, "-m", __spec__.name, "--grid", str(step)], check=True)
+    print("qwen3-0.6b layer GEMMs at 100 random row counts (1-16,384):")
+    for mode in MODES:  # NOTE: one process each: loaded kernels stay loaded
+        subprocess.run([sys.executable, "-m", __spec__.name, "--mode", mode], check=True)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,10 @@ class LinearBase(nn.Module):
         self.tp_size = get_tp_size()
         self.tp_rank = get_tp_rank()
         self.weight = _new_param(output_size, input_size)
-        self.weight.weight_loader = self.weight_loader
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if bias:
             self.bias: nn.Parameter | None = _new_param(bias_size)
-            self.bias.weight_loader = self.weight_loader
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
 

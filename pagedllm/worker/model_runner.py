@@ -26,6 +26,7 @@ from pagedllm.attention.utils import build_metadata, decode_order
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedllm.forward_context import set_forward_context
+from pagedllm.layers.linear import LinearBase
 from pagedllm.models.interface import CausalLM
 from pagedllm.utils import cdiv
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
@@ -129,17 +130,35 @@ class ModelRunner:
         from pagedllm.worker import sample_kernels
 
         sample_kernels.warm_up(logits)
-        hidden_size = hidden.shape[-1]
-        for rows in logits_row_buckets(self.config.scheduler_config.max_num_seqs):
-            self.model.compute_logits(hidden.new_zeros(rows, hidden_size))
+        self._warm_up_gemms(hidden)
         torch.cuda.synchronize(self.device)
 
-    def _logits_rows(self, num_rows: int) -> int:
-        """The rows the LM head computes for `num_rows` sampled (and prompt-logprob) rows: on
-        the GPU, the bucket that `warm_up` ran (see `logits_row_bucket`)."""
-        if self.device.type != "cuda":
-            return num_rows
-        return logits_row_bucket(num_rows)
+    def _warm_up_gemms(self, hidden: torch.Tensor) -> None:
+        """Every linear layer at every row count an eager step pads to, and the LM head at every
+        count of sampled rows (see `row_bucket`: the first launch of a cuBLAS kernel blocks the
+        host until the GPU is idle). Decode steps' layers are warmed by the graph capture."""
+        sc = self.config.scheduler_config
+        layers: dict[tuple[object, ...], LinearBase] = {}
+        for module in self.model.modules():
+            if isinstance(module, LinearBase):
+                w = module.weight
+                layers.setdefault((type(module), *w.shape, w.dtype, module.bias is None), module)
+        max_rows = sc.max_num_batched_tokens
+        inputs: dict[int, torch.Tensor] = {}
+        for layer in layers.values():
+            in_features = layer.weight.shape[1]
+            if in_features not in inputs:
+                inputs[in_features] = layer.weight.new_zeros(max_rows, in_features)
+            for rows in row_buckets(max_rows):
+                layer(inputs[in_features][:rows])
+        del inputs
+        sampled = hidden.new_zeros(sc.max_num_seqs, hidden.shape[-1])
+        for rows in row_buckets(sc.max_num_seqs):
+            self.model.compute_logits(sampled[:rows])
+
+    def _padded_rows(self, rows: int, cap: int) -> int:
+        """The rows an eager GEMM runs at: on the GPU, a count `warm_up` ran (`row_bucket`)."""
+        return padded_rows(rows, cap) if self.device.type == "cuda" else rows
 
     def capture_cuda_graphs(self) -> None:
         """Captures the decode graphs (after the KV cache is bound), unless the config says
@@ -250,6 +269,12 @@ class ModelRunner:
                 seq_lens_cpu=torch.from_numpy(seq_lens32),
                 decode_order=None if order is None else st.to_device(order),
             )
+            # NOTE: padding rows (token 0 at position 0) are neither cached nor attended (past
+            # num_actual_tokens) nor sampled.
+            sc = self.config.scheduler_config
+            padded = self._padded_rows(num_tokens, sc.max_num_batched_tokens)
+            if padded > num_tokens:
+                input_ids, positions = _pad(input_ids, padded, 0), _pad(positions, padded, 0)
             ids_t, positions_t = st.to_device(input_ids), st.to_device(positions)
         else:
             # A decode step replayed from a graph: inputs go to its static buffers, padded.
@@ -369,7 +394,7 @@ class ModelRunner:
             assert indices is not None
             indices = torch.cat([indices, self.stager.to_device(plan.indices)])
         num_rows = num_sampled if indices is None else indices.shape[0]
-        padded = self._logits_rows(num_rows)
+        padded = self._padded_rows(num_rows, self.config.scheduler_config.max_num_seqs)
         if indices is None and hidden.shape[0] >= padded:
             sampling_hidden = hidden[:padded]
         else:
@@ -486,25 +511,45 @@ class HostLogprobs:
         )
 
 
-def logits_row_bucket(num_rows: int) -> int:
-    """1, 2, 4 or 8 rows, then multiples of 16: the few row counts the LM head runs at.
-
-    NOTE: cuBLAS picks its kernel by the row count, and the first launch of a kernel not used
-    before in the process loads its code (CUDA's lazy loading), which blocks the host until the
-    GPU is idle: measured on an H200, a 100 ms wait for a GEMM with a new row count behind
-    100 ms of queued work. With every step's LM head at a new count (requests finish one by one;
-    prompt steps sample any number of rows) that drained the GPU's queue again and again. A
-    handful of buckets, all run by `ModelRunner.warm_up`, removes those waits; padding a step
-    to its bucket costs at most 15 rows of the LM head."""
-    if num_rows <= 8:
-        return 1 << max(num_rows - 1, 0).bit_length()
-    return -(-num_rows // 16) * 16
+# (up to this many rows, pad to a multiple of): at most 1/8 of padding past 512 rows.
+_ROW_STEPS = ((512, 16), (2048, 64), (8192, 256))
+_ROW_STEP_ABOVE = 512
 
 
-def logits_row_buckets(max_rows: int) -> list[int]:
-    """Every bucket up to the one of `max_rows`."""
-    top = logits_row_bucket(max_rows)
-    return [b for b in (1, 2, 4, 8) if b <= top] + list(range(16, top + 1, 16))
+def row_bucket(rows: int) -> int:
+    """1, 2, 4 or 8 rows, then multiples of 16 up to 512, of 64 up to 2048, of 256 up to 8192,
+    of 512 beyond: the few row counts the GPU's eager GEMMs run at (`ModelRunner.warm_up` runs
+    them all).
+
+    NOTE: cuBLAS picks its kernel by the GEMM's shape, row count included, and the first launch
+    of a kernel not used before in the process loads its code (CUDA's lazy loading), which
+    blocks the host until the GPU is idle: on an H200, a 100 ms wait for a GEMM at a new row
+    count behind 100 ms of queued work. With the LM head at a new count in most steps (requests
+    finish one by one; prompt steps sample any number of rows) and prompt steps of any token
+    count, the host lost its lead on the GPU again and again. Padding to warmed buckets removes
+    those waits (`python -m pagedllm.benchmarks.first_launch`); warming a coarser grid does not,
+    as the kernel changes with the exact count."""
+    if rows <= 8:
+        return 1 << max(rows - 1, 0).bit_length()
+    for limit, step in _ROW_STEPS:
+        if rows <= limit:
+            return -(-rows // step) * step
+    return -(-rows // _ROW_STEP_ABOVE) * _ROW_STEP_ABOVE
+
+
+def padded_rows(rows: int, cap: int) -> int:
+    """The warmed row count a GEMM of `rows` rows runs at: its bucket, at most `cap` (the most
+    rows a step has: its bucket could exceed the memory profile); past `cap`, `rows` itself."""
+    return rows if rows > cap else min(row_bucket(rows), cap)
+
+
+def row_buckets(cap: int) -> list[int]:
+    """Every row count `padded_rows(rows, cap)` gives for `1 <= rows <= cap`, ascending."""
+    buckets, rows = [], 1
+    while rows <= cap:
+        buckets.append(padded_rows(rows, cap))
+        rows = buckets[-1] + 1
+    return buckets
 
 
 def _pad(a: np.ndarray, size: int, value: int) -> np.ndarray:
