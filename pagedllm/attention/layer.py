@@ -56,14 +56,20 @@ class Attention(nn.Module):
         if kv_written and (metadata is None or not self.impl.accepts_prewritten_kv):
             raise ValueError("kv_written needs attention metadata and a backend that accepts it")
         if metadata is None:
+            # NOTE: K/V heads repeated for the query heads rather than `enable_gqa`, with which
+            # SDPA takes its math path on CUDA: a [heads, T, T] fp32 score matrix, tens of GiB
+            # in the memory-profiling pass (T = max_num_batched_tokens), which then shrank the
+            # KV cache. Repeated, it takes the flash kernel: memory linear in T.
+            group = self.num_heads // self.num_kv_heads
+            if group > 1:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1),
-                k.transpose(0, 1),
-                v.transpose(0, 1),
+                q.transpose(0, 1).unsqueeze(0),
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
                 is_causal=True,
                 scale=self.scale,
-                enable_gqa=True,
-            ).transpose(0, 1)
+            )[0].transpose(0, 1)
         else:
             out = self.impl.forward(q, k, v, self.kv_cache, metadata, kv_written=kv_written)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
