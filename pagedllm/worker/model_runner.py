@@ -111,7 +111,8 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compiles the attention kernels' variants before the first request, so that no
         request waits for Triton's JIT: a prompt chunk beside a decode token, then a lone
-        decode over a long context (the split-KV path); then the sampler's kernel.
+        decode over a long context (the split-KV path); then the sampler's kernel; then every
+        GEMM shape an eager step or the LM head can run (`_warm_up_gemms`).
 
         NOTE: every position maps to block 0, which gets finite garbage; harmless, as a block's
         slots are always written before they are read once a request owns it."""
