@@ -24,7 +24,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from pagedllm.worker.model_runner import padded_rows, row_buckets
+from pagedllm.worker.buckets import padded_rows, row_buckets
 
 HIDDEN, VOCAB = 1024, 151936
 LAYER_SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o, gate_up, down

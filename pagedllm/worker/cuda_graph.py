@@ -28,6 +28,7 @@ import torch
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.forward_context import set_forward_context
 from pagedllm.models.interface import CausalLM
+from pagedllm.worker.buckets import row_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,9 @@ MAX_CAPTURE_SIZE = 512
 
 def capture_sizes(max_num_reqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, ... (steps of 16) up to `max_num_reqs` (capped at 512), which is
-    always included."""
-    top = min(max_num_reqs, MAX_CAPTURE_SIZE)
-    sizes = {s for s in (1, 2, 4, 8) if s <= top}
-    sizes.update(range(16, top + 1, 16))
-    sizes.add(top)
-    return sorted(sizes)
+    always included: the row buckets up to there, so a decode step's LM head rows (padded the
+    same way) are rows of its graph's output."""
+    return row_buckets(min(max_num_reqs, MAX_CAPTURE_SIZE))
 
 
 class CudaGraphRunner:
