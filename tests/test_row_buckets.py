@@ -1,9 +1,9 @@
 """Row buckets (`worker/buckets.py`) and the runner's padding to them.
 
 The GPU pads eager steps' token rows and the LM head's rows to buckets that start-up runs once
-each (a cuBLAS kernel's first launch stalls the host). The CPU does not pad, so the engine test
-forces the padding on the CPU (torch reference backend, fp32): padded steps give the same greedy
-tokens as HF and the same logprobs and prompt logprobs as unpadded steps."""
+each (a cuBLAS kernel's first launch stalls the host); the CPU does not. The engine test turns
+the padding off, then on, on either device (fp32): padded steps give the same greedy tokens as
+HF and the same logprobs and prompt logprobs as unpadded steps."""
 
 from __future__ import annotations
 
@@ -50,7 +50,15 @@ def test_graph_sizes_are_the_buckets(max_num_seqs: int) -> None:
 def test_padded_steps_match_unpadded(tiny_model_dirs, monkeypatch) -> None:
     path = tiny_model_dirs["llama"]
     prompts = random_prompts(4321)
-    common = dict(dtype="float32", max_model_len=512, max_num_batched_tokens=24, max_num_seqs=8)
+    common = dict(
+        dtype="float32",
+        max_model_len=512,
+        max_num_batched_tokens=24,
+        max_num_seqs=8,
+        kv_cache_memory="64MiB",
+    )
+    runner = model_runner.ModelRunner
+    monkeypatch.setattr(runner, "_padded_rows", lambda self, rows, cap: rows)
     plain = LLM(path, **common)
     want = _outputs(plain, prompts, temperature=0.0, logprobs=3, prompt_logprobs=2)
 
@@ -60,7 +68,7 @@ def test_padded_steps_match_unpadded(tiny_model_dirs, monkeypatch) -> None:
         calls.append((rows, padded_rows(rows, cap)))
         return padded_rows(rows, cap)
 
-    monkeypatch.setattr(model_runner.ModelRunner, "_padded_rows", pad_anyway)
+    monkeypatch.setattr(runner, "_padded_rows", pad_anyway)
     padded = LLM(path, **common)
     assert generate(padded, prompts) == hf_greedy(load_hf(path), prompts, MAX_TOKENS)
     got = _outputs(padded, prompts, temperature=0.0, logprobs=3, prompt_logprobs=2)
