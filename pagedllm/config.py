@@ -77,6 +77,9 @@ class ModelConfig:
     head_dim: int
     hf_config: Any = field(compare=False, repr=False)
     eos_token_ids: tuple[int, ...] = ()
+    # SamplingParams defaults from the model's generation config (`--generation-config`), e.g.
+    # {"temperature": 0.6, "max_tokens": 512}: what a request that leaves a field out gets.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V that one token occupies across all layers."""

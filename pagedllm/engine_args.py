@@ -85,7 +85,23 @@ class EngineArgs:
         metadata=_help("prepare the next step while the GPU runs this one (default: on for CUDA)"),
     )
     max_logprobs: int = field(default=20, metadata=_help("most logprobs a request may ask for"))
-    tensor_parallel_size: int = field(default=1, metadata=_help("GPUs per model replica"))
+    generation_config: str = field(
+        default="auto",
+        metadata=_help(
+            "sampling defaults for what a request leaves out: 'auto' (the model's "
+            "generation_config.json), 'vllm' (none), or a folder holding a generation_config.json"
+        ),
+    )
+    override_generation_config: dict[str, Any] | str | None = field(
+        default=None,
+        metadata=_help(
+            "generation-config fields that win over the file, as JSON, e.g. "
+            '\'{"temperature": 0.5, "max_new_tokens": 256}\''
+        ),
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata=_help("GPUs per model replica (only 1 today: larger sizes are refused)")
+    )
     disable_log_stats: bool = field(default=True, metadata=_help("no periodic stats in the log"))
     # NOTE: not a flag: `LLM` sets "offline", which picks the offline scheduler defaults.
     usage_context: str = field(default="server", metadata={"cli": False})
@@ -267,9 +283,20 @@ def _build_model_config(
         )
     if max_model_len < 2:
         raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+    from pagedllm.models.default import DEFAULT_MODEL_GENERATION_CONFIG
+    from pagedllm.transformers_utils.generation_config import sampling_defaults
+
+    is_folder = os.path.isdir(model_path)
+    defaults = sampling_defaults(
+        args.generation_config,
+        model_path if is_folder else None,
+        DEFAULT_MODEL_GENERATION_CONFIG if args.model is None else None,
+        args.override_generation_config,
+    )
+    if defaults.get("top_k", 0) > hf_config.vocab_size:
+        defaults.pop("top_k")  # NOTE: above the vocabulary top_k filters nothing
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-    is_folder = os.path.isdir(model_path)
     tokenizer = args.tokenizer or (model_path if is_folder else None)
     return ModelConfig(
         model=model_path,
@@ -287,4 +314,5 @@ def _build_model_config(
         head_dim=head_dim,
         hf_config=hf_config,
         eos_token_ids=_eos_token_ids(hf_config, model_path if is_folder else None),
+        sampling_defaults=defaults,
     )

@@ -12,7 +12,7 @@ from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.processor import PromptType
 from pagedllm.engine_args import EngineArgs
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams, is_valid_text
 
 
 class LLM:
@@ -27,6 +27,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when given no SamplingParams: the model's generation
+        config (`generation_config=`) over SamplingParams' own defaults, as vLLM does."""
+        return SamplingParams(**self.llm_engine.config.model_config.sampling_defaults)
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -36,7 +41,7 @@ class LLM:
         """Runs every prompt to completion; outputs come back in input order."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:
@@ -168,6 +173,8 @@ def render_chat(
         tokenize=False,
         **(chat_template_kwargs or {}),
     )
+    if not is_valid_text(text):
+        raise ValueError("messages are not valid Unicode (they hold a lone UTF-16 surrogate)")
     return {
         "prompt": text,
         "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 _EPS = 1e-5
 _MAX_LOGIT_BIAS = 100.0
+# Seeds are 64-bit: torch generators take [-2**63, 2**64), as does the wire format (msgpack).
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+_INT64_MAX = 2**63 - 1
 
 
 class RequestOutputKind(enum.Enum):
@@ -22,8 +27,38 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_count(x: Any) -> bool:
+    """A non-negative integer that fits the engine's int64 arrays."""
+    return _is_int(x) and 0 <= x <= _INT64_MAX
+
+
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite int or float (NaN and inf are refused: they poison every logit)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def is_valid_text(text: Any) -> bool:
+    """A str that is valid Unicode: no lone UTF-16 surrogate (JSON's "\\ud800" decodes to one),
+    so it can be encoded to UTF-8 for the tokenizer and the wire."""
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of an n > 1 request: seed + index, wrapped into the 64-bit
+    range (so a seed near 2**64 still gives valid, distinct seeds)."""
+    value = seed + index
+    return value - 2**64 if value > SEED_MAX else value
 
 
 @dataclass
@@ -70,7 +105,7 @@ class SamplingParams:
         if self.logit_bias is not None:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except (TypeError, ValueError, AttributeError) as e:
+            except (TypeError, ValueError, AttributeError, OverflowError) as e:
                 raise ValueError(f"logit_bias must map token ids to floats: {e}") from e
         if self.top_k == -1:
             self.top_k = 0
@@ -90,12 +125,9 @@ class SamplingParams:
         return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
     def _verify_numbers(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in _FLOAT_FIELDS:
             if not _is_number(getattr(self, name)):
-                raise self._bad(name, "must be a number")
-        for name in ("temperature", "top_p", "min_p"):
-            if not _is_number(getattr(self, name)):
-                raise self._bad(name, "must be a number")
+                raise self._bad(name, "must be a finite number")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise self._bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -110,17 +142,19 @@ class SamplingParams:
             raise self._bad("top_k", "must be -1 or 0 (off) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             raise self._bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise self._bad("seed", "must be an integer")
+        if self.seed is not None and (
+            not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise self._bad("seed", "must be a 64-bit integer, in [-2**63, 2**64 - 1]")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise self._bad("output_kind", "must be a RequestOutputKind")
 
     def _verify_lengths(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise self._bad("n", "must be at least 1")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise self._bad("max_tokens", "must be at least 1")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+        if not _is_count(self.n) or self.n < 1:
+            raise self._bad("n", "must be an integer of at least 1")
+        if self.max_tokens is not None and (not _is_count(self.max_tokens) or self.max_tokens < 1):
+            raise self._bad("max_tokens", "must be an integer of at least 1")
+        if not _is_count(self.min_tokens):
             raise self._bad("min_tokens", "must be a non-negative integer")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
@@ -128,17 +162,17 @@ class SamplingParams:
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
+            if value is not None and not _is_count(value):
                 raise self._bad(name, "must be a non-negative integer")
 
     def _verify_tokens(self) -> None:
         assert isinstance(self.stop, list) and isinstance(self.stop_token_ids, list)
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise self._bad("stop", "must hold non-empty strings")
+        if any(not is_valid_text(s) or s == "" for s in self.stop):
+            raise self._bad("stop", "must hold non-empty, valid Unicode strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise self._bad("stop_token_ids", "must hold non-negative token ids")
-        if any(not isinstance(w, str) or w.strip() == "" for w in self.bad_words or []):
-            raise self._bad("bad_words", "must hold non-blank strings")
+        if any(not is_valid_text(w) or w.strip() == "" for w in self.bad_words or []):
+            raise self._bad("bad_words", "must hold non-blank, valid Unicode strings")
         if self.allowed_token_ids is not None:
             if len(self.allowed_token_ids) == 0:
                 raise self._bad("allowed_token_ids", "must not be empty")
@@ -151,7 +185,12 @@ class SamplingParams:
                 )
 
     def verify_for_engine(self, vocab_size: int, max_logprobs: int) -> None:
-        """Checks that need the engine: token ids inside the vocabulary, logprob counts."""
+        """Checks that need the engine: token ids and top_k inside the vocabulary, logprob
+        counts."""
+        if self.top_k > vocab_size:
+            raise ValueError(
+                f"top_k must be at most the vocabulary size ({vocab_size}), got {self.top_k}"
+            )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value > max_logprobs:
@@ -190,6 +229,15 @@ class SamplingParams:
                 setattr(new, name, copy.copy(value))
         return new
 
+
+_FLOAT_FIELDS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "temperature",
+    "top_p",
+    "min_p",
+)
 
 _CONTAINER_FIELDS = (
     "stop",

@@ -81,6 +81,16 @@ def test_chat_rejects_bad_messages(llm: LLM) -> None:
         llm.chat(["not a message"])  # type: ignore[list-item]
 
 
+def test_chat_without_params_uses_the_default_models_generation_config(llm: LLM) -> None:
+    """The model card's sampling (temperature 0.2, top_p 0.9) with room for a whole answer, so
+    the README's `llm.chat(...)` prints a finished reply rather than 16 tokens at T = 1."""
+    params = llm.get_default_sampling_params()
+    assert (params.temperature, params.top_p, params.max_tokens) == (0.2, 0.9, 512)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+    answer = out[0].outputs[0]
+    assert answer.finish_reason == "stop" and "Paris" in answer.text
+
+
 CLI = [sys.executable, "-m", "pagedllm.entrypoints.cli"]
 ENGINE_FLAGS = ["--max-model-len", "1024", "--kv-cache-memory", "256MiB"]
 

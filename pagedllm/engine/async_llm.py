@@ -8,7 +8,8 @@ One background task per event loop, the output handler, reads the core's message
 each step's outputs into `RequestOutput`s, routes them to per-request collectors that
 `generate` awaits, sends stop-string finishes back to the core, and records metrics. When the
 core process dies, the monitor thread of the client (core_client.py) wakes the handler, which
-fails every pending request with `EngineDeadError`; later calls raise it at once.
+fails every pending request with `EngineDeadError`; later calls raise it at once. A request
+the core could not run (finish reason ERROR) fails alone, with `RequestFailedError`.
 
 A request whose consumer goes away (the generator is closed, or its task cancelled: a client
 disconnect) is aborted in the core, so its KV blocks are freed.
@@ -30,7 +31,7 @@ from typing import Any
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine import serial
 from pagedllm.engine.core_client import EngineCoreClient
-from pagedllm.engine.exceptions import EngineDeadError
+from pagedllm.engine.exceptions import EngineDeadError, RequestFailedError
 from pagedllm.engine.llm_engine import prepare_request
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.processor import Processor, PromptType
@@ -173,16 +174,20 @@ class AsyncLLM:
     def _add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams
     ) -> RequestOutputCollector:
+        """Validates, registers and sends one request; on any failure nothing stays behind."""
         if request_id in self._collectors:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         requests = prepare_request(
             self.processor, self.output_processor, request_id, prompt, params
         )
+        try:
+            self.engine_core.add_requests(requests)
+        except BaseException:
+            self.output_processor.abort_requests([request_id])
+            raise
         collector = RequestOutputCollector(params.output_kind)
         self._collectors[request_id] = collector
         self._times[request_id] = _RequestTimes(arrival=time.monotonic())
-        for request in requests:
-            self.engine_core.add_request(request)
         return collector
 
     async def abort(self, request_id: str) -> None:
@@ -299,12 +304,31 @@ class AsyncLLM:
             if start:
                 await asyncio.sleep(0)
             chunk = outputs[start : start + _OUTPUT_CHUNK]
+            if any(o.finish_reason == FinishReason.ERROR for o in chunk):
+                chunk = self._fail_requests(chunk)
             now = time.monotonic()
             self._record_tokens(chunk, now)
             processed = self.output_processor.process_outputs(chunk)
             self.engine_core.finish_requests(processed.reqs_to_stop)
             for output in processed.request_outputs:
                 self._deliver(output, now)
+
+    def _fail_requests(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Fails the user requests of outputs the core ended with an error (their consumers get
+        RequestFailedError; n > 1 siblings are aborted); returns the other outputs."""
+        rest = []
+        for out in outputs:
+            if out.finish_reason != FinishReason.ERROR:
+                rest.append(out)
+                continue
+            user_id = self._user_id(out.request_id)
+            if user_id is None:
+                continue
+            collector = self._collectors.get(user_id)
+            if collector is not None:
+                collector.put(RequestFailedError(str(out.stop_reason)))
+            self._abort_now(user_id)
+        return rest
 
     def _deliver(self, output: RequestOutput, now: float) -> None:
         collector = self._collectors.get(output.request_id)

@@ -8,9 +8,12 @@ A monitor thread waits on the process's sentinel. If the process ends while the 
 ask it to, the thread marks the client dead and pushes a DEAD message into the output socket
 itself, so whoever awaits outputs wakes at once and fails every request.
 
-NOTE: inputs go through a plain (blocking) socket with no high-water mark: a send only queues
-the frame, so it never blocks the event loop, and an abort can be sent from synchronous code
-(a generator's `finally`). Outputs are awaited through an asyncio shadow of the PULL socket.
+NOTE: inputs go through a plain socket with no high-water mark, sent with NOBLOCK: a send only
+queues the frame, so an abort can be sent from synchronous code (a generator's `finally`), and
+nothing ever blocks the event loop, not even once the core is gone (a PUSH socket without a
+peer would block a plain send forever: the frame is dropped instead). Outputs are awaited
+through an asyncio shadow of the PULL socket. A request's frames are all encoded before the
+first is sent, so one that cannot be encoded reaches the core not at all.
 """
 
 from __future__ import annotations
@@ -120,22 +123,35 @@ class EngineCoreClient:
 
     # ----- inputs -----
 
-    def add_request(self, request: Request) -> None:
-        self._send(serial.InputKind.ADD, serial.encode_request(request))
+    def add_requests(self, requests: list[Request]) -> None:
+        """Sends the requests (a user request's n samples) all or none: ValueError, with nothing
+        sent, when one cannot be encoded."""
+        try:
+            frames = [serial.pack(serial.InputKind.ADD, serial.encode_request(r)) for r in requests]
+        except (OverflowError, TypeError, ValueError, UnicodeError) as e:
+            raise ValueError(f"the request cannot be sent to the engine: {e}") from e
+        for frame in frames:
+            self._send_frame(frame)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
-            self._send(serial.InputKind.ABORT, request_ids)
+            self._send_frame(serial.pack(serial.InputKind.ABORT, request_ids))
 
     def finish_requests(self, request_ids: list[str]) -> None:
         """Ends requests a stop string finished (the output processor saw it)."""
         if request_ids:
-            self._send(serial.InputKind.FINISH, request_ids)
+            self._send_frame(serial.pack(serial.InputKind.FINISH, request_ids))
 
-    def _send(self, kind: serial.InputKind, payload: Any) -> None:
-        if self._closing.is_set():
+    def _send_frame(self, frame: bytes) -> None:
+        if self.is_dead:
             return
-        self.input_socket.send(serial.pack(kind, payload), copy=False)
+        try:
+            self.input_socket.send(frame, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # NOTE: no peer: the core is gone; the monitor thread fails its requests.
+            logger.warning("the engine core is gone: an input was dropped")
+        except zmq.ZMQError as e:  # the context was closed under us (shutdown)
+            logger.warning("an input to the engine core was dropped: %s", e)
 
     # ----- outputs -----
 
@@ -168,6 +184,7 @@ def _watch_process(
     """Waits for the process to end; unless the client asked for it, records why and pushes a
     DEAD message to the output socket (wakes whoever awaits outputs)."""
     wait([proc.sentinel])
+    proc.join()  # NOTE: reaps it (no zombie) and sets its exit code
     if closing.is_set():
         return
     death.reason = f"the engine-core process died (exit code {proc.exitcode})"

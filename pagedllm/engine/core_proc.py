@@ -87,10 +87,12 @@ class EngineCoreProc:
         if kind == serial.InputKind.ADD:
             try:
                 self.core.add_request(serial.decode_request(payload))
-            except ValueError as e:
-                # The client validated it; a duplicate id is the one way left. Refuse it alone.
-                logger.warning("refused request %s: %s", payload[0], e)
-                self._pending.append(EngineCoreOutput(payload[0], [], FinishReason.ABORT))
+            except Exception as e:
+                # NOTE: the client validated it; whatever still fails refuses this request alone.
+                req_id = str(payload[0]) if isinstance(payload, list) and payload else "?"
+                logger.warning("refused request %s: %s: %s", req_id, type(e).__name__, e)
+                why = f"the engine refused the request: {type(e).__name__}: {e}"
+                self._pending.append(EngineCoreOutput(req_id, [], FinishReason.ERROR, why))
         elif kind == serial.InputKind.ABORT:
             self.core.abort_requests(payload)
         elif kind == serial.InputKind.FINISH:

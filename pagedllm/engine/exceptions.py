@@ -9,3 +9,7 @@ class EngineDeadError(RuntimeError):
 
     def __init__(self, message: str = "the engine-core process died") -> None:
         super().__init__(message)
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not run one request (the others go on); the message says why."""

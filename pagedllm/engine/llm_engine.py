@@ -5,7 +5,8 @@ sampling one continuation; the output processor gathers them back into one `Requ
 prefix caching on, the children share the prompt's full KV blocks: the first child publishes them
 when they are allocated, so the others (even those admitted in the same step) hit them and compute
 only the prompt's last partial block. With prefix caching off, each child computes the whole prompt
-(vLLM does the same). Seeded children get seeds seed, seed + 1, ..., so their samples differ.
+(vLLM does the same). Seeded children get seeds seed, seed + 1, ... (wrapped at 2**64), so
+their samples differ.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pagedllm.engine.processor import Processor, PromptType
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.stats import PrefixCacheStats, SchedulerStats
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams, child_seed
 from pagedllm.transformers_utils.tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def prepare_request(
         child_params = params.clone()
         child_params.n = 1
         if params.seed is not None:
-            child_params.seed = params.seed + index
+            child_params.seed = child_seed(params.seed, index)
         if index > 0:
             # NOTE: only the first child computes prompt logprobs (and so skips the cache).
             child_params.prompt_logprobs = None

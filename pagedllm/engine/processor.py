@@ -6,7 +6,7 @@ from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, is_valid_text
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -31,6 +31,8 @@ class Processor:
                 raise ValueError(
                     "text prompts need a tokenizer; this engine has none: pass token ids"
                 )
+            if not is_valid_text(prompt):
+                raise ValueError("prompt is not valid Unicode (it holds a lone surrogate)")
             return prompt, list(self.tokenizer.encode(prompt))
         if isinstance(prompt, (list, tuple)):
             return None, self._check_ids(prompt)

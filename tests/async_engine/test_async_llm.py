@@ -28,13 +28,6 @@ MODEL_NAME = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
 

@@ -343,10 +343,15 @@ def test_usage_and_max_tokens(server: RemoteServer, client: openai.OpenAI) -> No
     )
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (count, 7)
     assert out.usage.total_tokens == count + 7
-    # max_tokens beyond the context is capped to the room left (max_model_len 1024).
+    # max_tokens beyond the room the context leaves is a 400, as vLLM and OpenAI answer
+    # (max_model_len 1024); exactly the room is fine.
     ids = [5, 6, 7, 8] * 255
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=ids, max_tokens=50, temperature=0)
+    assert info.value.code == "context_length_exceeded"
+    assert "max_tokens must be at most 4" in info.value.message
     out = client.completions.create(
-        model=MODEL, prompt=ids, max_tokens=50, temperature=0, extra_body={"ignore_eos": True}
+        model=MODEL, prompt=ids, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
     )
     assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
 

@@ -251,8 +251,10 @@ def test_seeded_keys_depend_on_seed_and_position_only() -> None:
     assert a.sample_keys(np.array([0]), step_key=1)[0] != ka[0]
     # Unseeded rows: another step key or another row index, another key.
     assert a.sample_keys(np.array([1]), step_key=3)[0] != a.sample_keys(np.array([1]), 4)[0]
-    # A negative or huge seed is fine (64 bits of it are used).
-    c = batch_with([SamplingParams(temperature=1.0, seed=-3), SamplingParams(seed=2**70)], [6, 6])
+    # Any seed of the 64-bit range is fine, negative or the largest (SamplingParams refuses more).
+    c = batch_with(
+        [SamplingParams(temperature=1.0, seed=-3), SamplingParams(seed=2**64 - 1)], [6, 6]
+    )
     assert c.sample_keys(np.arange(2), 0).dtype == np.uint64
 
 

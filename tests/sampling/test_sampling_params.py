@@ -35,6 +35,27 @@ INVALID = [
     ("logit_bias", {1: 200.0}),
     ("logit_bias", {"a": 1.0}),
     ("output_kind", "delta"),
+    # What the engine cannot represent: non-finite floats, seeds past 64 bits, counts past
+    # int64, strings that are not valid Unicode (a lone surrogate).
+    ("temperature", float("nan")),
+    ("temperature", float("inf")),
+    ("top_p", float("nan")),
+    ("min_p", float("nan")),
+    ("presence_penalty", float("-inf")),
+    ("frequency_penalty", float("nan")),
+    ("repetition_penalty", float("inf")),
+    ("temperature", 10**400),
+    ("seed", 2**64),
+    ("seed", -(2**63) - 1),
+    ("n", 2**63),
+    ("max_tokens", 2**63),
+    ("min_tokens", 2**64),
+    ("logprobs", 2**63),
+    ("stop", ["ok", "\ud800"]),
+    ("stop", "\udfff"),
+    ("bad_words", ["\udc00"]),
+    ("logit_bias", {1: float("nan")}),
+    ("logit_bias", {1: 10**400}),
 ]
 
 
@@ -57,11 +78,24 @@ def test_engine_checks(llm) -> None:
         ("stop_token_ids", SamplingParams(stop_token_ids=[10_000])),
         ("allowed_token_ids", SamplingParams(allowed_token_ids=[512])),
         ("logit_bias", SamplingParams(logit_bias={999: 1.0})),
+        ("top_k", SamplingParams(top_k=513)),  # the vocabulary is 512
+        ("top_k", SamplingParams(top_k=2**63)),
     ]
     for name, params in cases:
         with pytest.raises(ValueError, match=name):
             engine.add_request("bad", [1, 2, 3], params)
     assert not engine.has_unfinished_requests()
+
+
+def test_the_64_bit_seed_range_is_accepted() -> None:
+    from pagedllm.sampling_params import SEED_MAX, SEED_MIN, child_seed
+
+    assert SamplingParams(seed=SEED_MAX).seed == 2**64 - 1
+    assert SamplingParams(seed=SEED_MIN).seed == -(2**63)
+    # n > 1 samples get seed + i, wrapped into the range: valid and distinct.
+    seeds = [child_seed(SEED_MAX - 1, i) for i in range(4)]
+    assert seeds == [2**64 - 2, 2**64 - 1, 0, 1]
+    assert child_seed(-5, 2) == -3
 
 
 def test_defaults_and_normalization() -> None:

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pagedllm.engine.exceptions import EngineDeadError
 from pagedllm.entrypoints.openai.errors import (
     ENGINE_DEAD_MESSAGE,
+    CatchAllMiddleware,
     error_response,
     install_error_handlers,
 )
@@ -158,6 +159,7 @@ def build_app(
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(CatchAllMiddleware)  # NOTE: added last, so it is the outermost
     completion = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
     tokenization = OpenAIServingTokenization(engine, config)

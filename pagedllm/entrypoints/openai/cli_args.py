@@ -39,6 +39,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--chat-template", default=None, help="a Jinja chat template (file or text)"
     )
     parser.add_argument(
+        "--default-max-tokens",
+        "--max-tokens-default",
+        type=int,
+        default=None,
+        help="max_tokens for a request that omits it (default: the model's generation config's "
+        "max_new_tokens, else all the room the context leaves, as vLLM)",
+    )
+    parser.add_argument(
         "--uvicorn-log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -78,4 +86,11 @@ def serving_config_from_cli(
         model_path=model_path or tag,
         chat_template=read_chat_template(ns.chat_template),
         max_logprobs=engine_args.max_logprobs,
+        default_max_tokens=_positive(ns.default_max_tokens, "--default-max-tokens"),
     )
+
+
+def _positive(value: int | None, flag: str) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be at least 1, got {value}")
+    return value

@@ -16,8 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagedllm.engine.exceptions import EngineDeadError
+from pagedllm.engine.exceptions import EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -81,28 +82,40 @@ def to_openai_error(exc: BaseException, fields: tuple[str, ...] = ()) -> OpenAIE
         return exc
     if isinstance(exc, EngineDeadError):
         return OpenAIError(ENGINE_DEAD_MESSAGE, 503, code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return OpenAIError(str(exc), 500, code="request_failed")
     if isinstance(exc, ValueError):
         message = str(exc)
         first = message.split(" ", 1)[0].strip(":,")
         return OpenAIError(message, 400, param=first if first in fields else None)
-    logger.exception("unexpected error while serving a request", exc_info=exc)
-    return OpenAIError(f"internal server error: {type(exc).__name__}: {exc}", 500)
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    # NOTE: no exception text in the body (it may hold paths or internals); the log has it all.
+    return OpenAIError(
+        f"internal server error ({type(exc).__name__}); the server log has more", 500
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = list(exc.errors())
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    # NOTE: a union-typed field reports one error per member type; our own checks' (a
+    # value_error) say the most.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return f"malformed JSON body: {ctx.get('error', first.get('msg'))}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # For a union-typed field pydantic appends the tried member types to the location.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = loc[0] if loc else None
     where = ".".join(loc) if loc else "body"
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return f"{where}: {first.get('msg', 'invalid value')}{more}", param
+
+
+def _is_type_tag(part: object) -> bool:
+    """A location part naming a union member's type (`list[int]`, `function-after[...]`)."""
+    return isinstance(part, str) and ("[" in part or "(" in part)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -130,7 +143,41 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         return error_response(ENGINE_DEAD_MESSAGE, 503, code="engine_dead")
 
-    @app.exception_handler(Exception)
-    async def _other(request: Request, exc: Exception) -> JSONResponse:
+    @app.exception_handler(RequestFailedError)
+    async def _failed(request: Request, exc: RequestFailedError) -> JSONResponse:
         err = to_openai_error(exc)
         return error_response(err.message, err.status, err.param, err.code)
+
+
+class CatchAllMiddleware:
+    """Answers any exception that escapes a route with a 500 in OpenAI's shape, and keeps the
+    connection open: to be the app's outermost middleware.
+
+    NOTE: not an exception handler for Exception: starlette runs that one in its outermost
+    middleware, which re-raises after answering, and uvicorn then drops the keep-alive
+    connection. This one answers and swallows. Plain ASGI (streaming passes through untouched); an exception after the
+    response started can only end that response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:
+                raise
+            err = to_openai_error(exc)
+            response = error_response(err.message, err.status, err.param, err.code)
+            await response(scope, receive, send)

@@ -9,15 +9,26 @@ as vLLM does, so clients that send newer OpenAI fields still work.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams, is_valid_text
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def _valid_text(value: str) -> str:
+    if not is_valid_text(value):
+        raise ValueError("must be valid Unicode (it holds a lone UTF-16 surrogate)")
+    return value
+
+
+# NOTE: every string a request carries is one of these: JSON may escape a lone surrogate
+# ("\\ud800"), which no tokenizer, socket or response body can encode.
+Text = Annotated[str, AfterValidator(_valid_text)]
 
 
 # ----- errors -----
@@ -62,19 +73,19 @@ class _SamplingFields(OpenAIBaseModel):
     sends an explicit `null` gets the default rather than a type error (as with OpenAI).
     """
 
-    model: str | None = None
+    model: Text | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = None
     n: int | None = None
     presence_penalty: float | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extra sampling fields.
     top_k: int | None = None
     min_p: float | None = None
@@ -85,12 +96,14 @@ class _SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    bad_words: list[str] | None = None
+    bad_words: list[Text] | None = None
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     echo: bool | None = False
 
-    def _sampling_kwargs(self) -> dict[str, Any]:
+    def _sampling_kwargs(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The SamplingParams keywords: the fields given, else `defaults` (the generation
+        config's; max_tokens is decided by the caller)."""
         given: dict[str, Any] = {
             "n": self.n,
             "presence_penalty": self.presence_penalty,
@@ -113,7 +126,8 @@ class _SamplingFields(OpenAIBaseModel):
             "logit_bias": self.logit_bias,
             "allowed_token_ids": self.allowed_token_ids,
         }
-        kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        kwargs = {k: v for k, v in defaults.items() if k != "max_tokens"}
+        kwargs.update((k, v) for k, v in given.items() if v is not None)
         kwargs["output_kind"] = (
             RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY
         )
@@ -126,19 +140,19 @@ class _SamplingFields(OpenAIBaseModel):
 
 # ----- /v1/completions -----
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+PromptInput = Text | list[Text] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
     best_of: int | None = None
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     max_tokens: int | None = 16
     add_special_tokens: bool = True
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        kwargs = self._sampling_kwargs()
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
+        kwargs = self._sampling_kwargs(defaults)
         if self.logprobs is not None:
             kwargs["logprobs"] = self.logprobs
             if self.echo:
@@ -191,9 +205,9 @@ class CompletionStreamResponse(CompletionResponse):
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -207,7 +221,7 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM's chat extras.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template: str | None = None
+    chat_template: Text | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     @property
@@ -217,8 +231,8 @@ class ChatCompletionRequest(_SamplingFields):
             return self.max_completion_tokens
         return self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        kwargs = self._sampling_kwargs()
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
+        kwargs = self._sampling_kwargs(defaults)
         if self.logprobs:
             kwargs["logprobs"] = self.top_logprobs or 0
         return SamplingParams(max_tokens=max_tokens, **kwargs)
@@ -303,13 +317,13 @@ class ModelList(BaseModel):
 class TokenizeRequest(OpenAIBaseModel):
     """Either `prompt` (text) or `messages` (rendered through the chat template first)."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template: str | None = None
+    chat_template: Text | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
@@ -322,7 +336,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(OpenAIBaseModel):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

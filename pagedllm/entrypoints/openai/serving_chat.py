@@ -97,7 +97,12 @@ class OpenAIServingChat(OpenAIServing):
         )
         ids = prompt["prompt_token_ids"]
         self.check_token_ids(ids, "messages")
-        max_tokens = self.max_tokens_for(len(ids), request.requested_max_tokens, "messages")
+        max_tokens = self.max_tokens_for(
+            len(ids),
+            request.requested_max_tokens,
+            "messages",
+            "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens",
+        )
         params = self.sampling_params(request, max_tokens)
         last = request.messages[-1]
         echo = ""

@@ -55,7 +55,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = self._prompts(request)
         params = [
             self.sampling_params(
-                request, self.max_tokens_for(len(p.token_ids), request.max_tokens, "prompt")
+                request,
+                self.max_tokens_for(len(p.token_ids), request.max_tokens, "prompt", "max_tokens"),
             )
             for p in prompts
         ]

@@ -43,6 +43,9 @@ class ServingConfig:
     model_path: str
     chat_template: str | None = None
     max_logprobs: int = 20
+    # max_tokens for a request that omits it (None: all the room the context leaves, as vLLM;
+    # the model's generation config may set one too: the smaller wins).
+    default_max_tokens: int | None = None
 
 
 def random_id(prefix: str) -> str:
@@ -76,6 +79,8 @@ class OpenAIServing:
         self.model_config = engine.model_config
         self.max_model_len: int = self.model_config.max_model_len
         self.vocab_size: int = self.model_config.vocab_size
+        # The generation config's defaults for the sampling fields a request leaves out.
+        self.sampling_defaults: dict[str, Any] = dict(self.model_config.sampling_defaults)
         self.model_name = config.served_model_names[0]
 
     # ----- checks -----
@@ -111,9 +116,12 @@ class OpenAIServing:
                 param=param,
             )
 
-    def max_tokens_for(self, prompt_len: int, requested: int | None, param: str) -> int:
-        """How many tokens the request may generate: what it asked for, capped by the room the
-        context leaves (as vLLM does); all of that room when it did not ask."""
+    def max_tokens_for(
+        self, prompt_len: int, requested: int | None, param: str, max_tokens_param: str
+    ) -> int:
+        """How many tokens the request may generate: what it asked for, which must fit in the
+        room the context leaves (else a 400, as vLLM and OpenAI answer); when it did not ask,
+        the default (`--default-max-tokens`, the generation config's), at most that room."""
         room = self.max_model_len - prompt_len
         if room < 1:
             raise OpenAIError(
@@ -124,8 +132,17 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
         if requested is None:
-            return room
-        return min(requested, room) if requested >= 1 else requested
+            defaults = (self.config.default_max_tokens, self.sampling_defaults.get("max_tokens"))
+            return min([room, *(d for d in defaults if d is not None)])
+        if requested > room:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                f"{requested} in the completion): {max_tokens_param} must be at most {room}.",
+                param=max_tokens_param,
+                code="context_length_exceeded",
+            )
+        return requested
 
     def sampling_params(self, request: Any, max_tokens: int) -> SamplingParams:
         """The request's SamplingParams, checked as the engine will check them."""
@@ -135,7 +152,7 @@ class OpenAIServing:
             )
         fields = tuple(type(request).model_fields)
         try:
-            params: SamplingParams = request.to_sampling_params(max_tokens)
+            params: SamplingParams = request.to_sampling_params(max_tokens, self.sampling_defaults)
             params.verify_for_engine(self.vocab_size, self.config.max_logprobs)
         except ValueError as e:
             raise to_openai_error(e, fields) from e
