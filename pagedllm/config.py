@@ -160,4 +160,23 @@ class EngineConfig:
     # Schedule and launch step N+1 before step N's sampled ids reach the host (see EngineCore).
     async_scheduling: bool = False
     max_logprobs: int = 20
+    max_n: int = 128
+    max_stop_strings: int = 64
     disable_log_stats: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_logprobs", "max_n", "max_stop_strings"):
+            if getattr(self, name) < (0 if name == "max_logprobs" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def request_limits(self) -> Any:
+        """The `RequestLimits` every request is checked against (offline and served alike)."""
+        from pagedllm.sampling_params import RequestLimits
+
+        return RequestLimits(
+            vocab_size=self.model_config.vocab_size,
+            max_logprobs=self.max_logprobs,
+            max_n=self.max_n,
+            max_stop_strings=self.max_stop_strings,
+        )

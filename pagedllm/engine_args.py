@@ -38,6 +38,10 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 # 8192 to bound the decode stall a prompt chunk causes).
 LARGE_GPU_MAX_NUM_SEQS = 1024
 LARGE_GPU_OFFLINE_MAX_NUM_BATCHED_TOKENS = 16384
+# vLLM's CPU budgets: a step of 8192 prompt tokens takes over a minute on a small CPU, and every
+# request's next token waits for it; a server chunks by 2048 (~15 s a step at 8k context on 2
+# cores), the offline engine by 4096.
+CPU_MAX_NUM_BATCHED_TOKENS = {"server": 2048, "offline": 4096}
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -85,6 +89,10 @@ class EngineArgs:
         metadata=_help("prepare the next step while the GPU runs this one (default: on for CUDA)"),
     )
     max_logprobs: int = field(default=20, metadata=_help("most logprobs a request may ask for"))
+    max_n: int = field(default=128, metadata=_help("most samples (n) a request may ask for"))
+    max_stop_strings: int = field(
+        default=64, metadata=_help("most stop strings (and bad words) a request may give")
+    )
     generation_config: str = field(
         default="auto",
         metadata=_help(
@@ -166,6 +174,8 @@ class EngineArgs:
                 device == "cuda" if self.async_scheduling is None else self.async_scheduling
             ),
             max_logprobs=self.max_logprobs,
+            max_n=self.max_n,
+            max_stop_strings=self.max_stop_strings,
             disable_log_stats=self.disable_log_stats,
         )
 
@@ -192,6 +202,8 @@ def _scheduler_defaults(device: str, usage_context: str) -> tuple[int, int]:
             if usage_context == "offline":
                 tokens = LARGE_GPU_OFFLINE_MAX_NUM_BATCHED_TOKENS
             return LARGE_GPU_MAX_NUM_SEQS, tokens
+    if device == "cpu":
+        return DEFAULT_MAX_NUM_SEQS, CPU_MAX_NUM_BATCHED_TOKENS[usage_context]
     return DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 

@@ -54,11 +54,30 @@ def is_valid_text(text: Any) -> bool:
     return True
 
 
+def _as_list(value: Any, name: str) -> list[Any]:
+    """A list field given as a list or tuple (None: empty); anything else is a ValueError."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
 def child_seed(seed: int, index: int) -> int:
     """The seed of sample `index` of an n > 1 request: seed + index, wrapped into the 64-bit
     range (so a seed near 2**64 still gives valid, distinct seeds)."""
     value = seed + index
     return value - 2**64 if value > SEED_MAX else value
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the engine accepts of one request beyond SamplingParams' own ranges."""
+
+    vocab_size: int
+    max_logprobs: int = 20
+    max_n: int = 128  # OpenAI's limit
+    max_stop_strings: int = 64  # stop strings, and bad words, each
 
 
 @dataclass
@@ -96,12 +115,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        self.bad_words = list(self.bad_words or [])
+        self.stop = _as_list(self.stop, "stop")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
+        self.bad_words = _as_list(self.bad_words, "bad_words")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids")
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict, got {type(self.logit_bias).__name__}")
         if self.logit_bias is not None:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
@@ -184,18 +204,28 @@ class SamplingParams:
                     "logit_bias", f"must map token ids >= 0 to values in [-100, 100] ({tok})"
                 )
 
-    def verify_for_engine(self, vocab_size: int, max_logprobs: int) -> None:
+    def verify_for_engine(self, limits: RequestLimits) -> None:
         """Checks that need the engine: token ids and top_k inside the vocabulary, logprob
-        counts."""
+        counts, n and list sizes within the engine's limits."""
+        if self.n > limits.max_n:
+            raise ValueError(f"n must be at most max_n ({limits.max_n}), got {self.n}")
+        vocab_size = limits.vocab_size
         if self.top_k > vocab_size:
             raise ValueError(
                 f"top_k must be at most the vocabulary size ({vocab_size}), got {self.top_k}"
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and value > max_logprobs:
+            if value is not None and value > limits.max_logprobs:
                 raise ValueError(
-                    f"{name} must be at most max_logprobs ({max_logprobs}), got {value}"
+                    f"{name} must be at most max_logprobs ({limits.max_logprobs}), got {value}"
+                )
+        for name in ("stop", "bad_words"):
+            count = len(getattr(self, name) or [])
+            if count > limits.max_stop_strings:
+                raise ValueError(
+                    f"{name} holds {count} strings; at most max_stop_strings "
+                    f"({limits.max_stop_strings})"
                 )
         fields = {
             "stop_token_ids": self.stop_token_ids or [],
@@ -203,6 +233,10 @@ class SamplingParams:
             "logit_bias": list((self.logit_bias or {}).keys()),
         }
         for name, ids in fields.items():
+            if len(ids) > vocab_size:
+                raise ValueError(
+                    f"{name} holds {len(ids)} entries, more than the vocabulary's {vocab_size}"
+                )
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(

@@ -34,10 +34,8 @@ def test_cuda_defaults(monkeypatch, name, gib, usage, expected) -> None:
 
 
 def test_cpu_defaults_and_explicit_values_win(monkeypatch) -> None:
-    assert _scheduler_defaults("cpu", "offline") == (
-        engine_args.DEFAULT_MAX_NUM_SEQS,
-        engine_args.DEFAULT_MAX_NUM_BATCHED_TOKENS,
-    )
+    assert _scheduler_defaults("cpu", "offline") == (engine_args.DEFAULT_MAX_NUM_SEQS, 4096)
+    assert _scheduler_defaults("cpu", "server") == (engine_args.DEFAULT_MAX_NUM_SEQS, 2048)
     _fake_gpu(monkeypatch, "NVIDIA H200", 140)
     monkeypatch.setattr(engine_args, "_resolve_device", lambda _: "cuda")
     model_config = SimpleNamespace(max_model_len=4096)

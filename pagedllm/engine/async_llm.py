@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine import serial
@@ -46,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 # Outputs processed between two yields to the event loop (so HTTP keeps flowing in big batches).
 _OUTPUT_CHUNK = 256
+
+# How long a reservation (`AsyncLLM.reserve`) counts when its requests are never sent.
+_RESERVATION_S = 2.0
+
+T = TypeVar("T")
 
 
 class RequestOutputCollector:
@@ -112,6 +119,14 @@ class _RequestTimes:
     queued: bool = False  # its queue time was recorded
 
 
+@dataclass
+class _Reservation:
+    """Engine-core requests admitted and not sent yet (see `AsyncLLM.reserve`)."""
+
+    expiry: float  # time.monotonic()
+    count: int
+
+
 class AsyncLLM:
     """An engine-core process and its asyncio client. Build it with `from_engine_args`."""
 
@@ -139,6 +154,11 @@ class AsyncLLM:
         self._stats = SchedulerStats()
         self._dead_error: EngineDeadError | None = None
         self._output_handler: asyncio.Task[None] | None = None
+        # NOTE: one thread for tokenizing (and the server's chat templates): off the event
+        # loop, where a huge prompt would stall every stream; one, so the tokenizer is never
+        # used by two threads at once.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer")
+        self._reservations: deque[_Reservation] = deque()  # admitted, not sent yet
 
     @classmethod
     def from_engine_args(cls, engine_args: Any, **kwargs: Any) -> AsyncLLM:
@@ -159,6 +179,7 @@ class AsyncLLM:
         """
         self._check_alive()
         self._ensure_output_handler()
+        prompt = await self._tokenized(prompt)
         collector = self._add_request(request_id, prompt, sampling_params)
         finished = False
         try:
@@ -170,6 +191,46 @@ class AsyncLLM:
             self._collectors.pop(request_id, None)
             if not finished:  # closed, cancelled, or the engine died
                 self._abort_now(request_id)
+
+    async def run_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, fn, *args)
+
+    async def _tokenized(self, prompt: PromptType) -> PromptType:
+        """A text prompt as `{"prompt", "prompt_token_ids"}`, tokenized in the tokenizer thread."""
+        is_text = isinstance(prompt, str) or (
+            isinstance(prompt, dict) and "prompt_token_ids" not in prompt and "prompt" in prompt
+        )
+        if not is_text:
+            return prompt
+        text, ids = await self.run_off_loop(self.processor.tokenize, prompt)
+        return {"prompt": text, "prompt_token_ids": ids}
+
+    def num_waiting_requests(self) -> int:
+        """Engine-core requests sent and not running yet (as of the core's last message), plus
+        those reserved and not sent yet (see `reserve`)."""
+        now = time.monotonic()
+        while self._reservations and self._reservations[0].expiry < now:
+            self._reservations.popleft()
+        reserved = sum(r.count for r in self._reservations)
+        return max(0, len(self.output_processor.states) - self._stats.num_running_reqs) + reserved
+
+    def reserve(self, num_requests: int) -> None:
+        """Counts `num_requests` engine-core requests as waiting before they are sent: a caller
+        that admits requests by `num_waiting_requests` and sends them a few loop turns later
+        does not admit a burst past its bound. A reservation is used up as requests are sent,
+        and lapses after `_RESERVATION_S` (a request that was never sent)."""
+        self._reservations.append(_Reservation(time.monotonic() + _RESERVATION_S, num_requests))
+
+    def _use_reservation(self, num_requests: int) -> None:
+        while num_requests and self._reservations:
+            first = self._reservations[0]
+            taken = min(num_requests, first.count)
+            first.count -= taken
+            num_requests -= taken
+            if not first.count:
+                self._reservations.popleft()
 
     def _add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams
@@ -185,6 +246,7 @@ class AsyncLLM:
         except BaseException:
             self.output_processor.abort_requests([request_id])
             raise
+        self._use_reservation(len(requests))
         collector = RequestOutputCollector(params.output_kind)
         self._collectors[request_id] = collector
         self._times[request_id] = _RequestTimes(arrival=time.monotonic())
@@ -256,6 +318,7 @@ class AsyncLLM:
             with contextlib.suppress(RuntimeError):  # its loop is closed
                 handler.cancel()
         self.engine_core.shutdown()
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     # ----- the output handler -----
 
@@ -309,6 +372,13 @@ class AsyncLLM:
             now = time.monotonic()
             self._record_tokens(chunk, now)
             processed = self.output_processor.process_outputs(chunk)
+            if processed.failed:
+                self._fail_requests(
+                    [
+                        EngineCoreOutput(c, [], FinishReason.ERROR, why)
+                        for c, why in processed.failed
+                    ]
+                )
             self.engine_core.finish_requests(processed.reqs_to_stop)
             for output in processed.request_outputs:
                 self._deliver(output, now)

@@ -99,6 +99,12 @@ class BlockPool:
             del self.cached[block.block_hash]
         block.block_hash = None
 
+    def forget_free_blocks(self) -> None:
+        """Forgets the hashes of every free block (after a failed step: blocks published before
+        their content was computed must not be found)."""
+        for block in self.free_queue.values():
+            self._evict(block)
+
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached hash; refused (False) while any block is in use."""
         if self.num_free_blocks != self.num_blocks:

@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import time
 from collections import deque
 from typing import Any, Protocol
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.exceptions import RequestPreparationError
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.engine.stats import SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+# Failed steps in a row after which the engine gives up (the device, not a request, is broken).
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 class Executor(Protocol):
@@ -35,6 +42,10 @@ class Executor(Protocol):
         ...
 
     def collect_output(self, handle: Any) -> ModelRunnerOutput: ...
+
+    def abandon_steps(self) -> None:
+        """Forgets every launched step without collecting it (after one raised)."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -53,6 +64,8 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling
         # Launched steps whose results are not collected yet (at most two, oldest first).
         self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
+        self._launching: SchedulerOutput | None = None  # the step being launched
+        self._consecutive_failures = 0
         # NOTE: start-up's objects (the model, its modules and tensors, graphs, tokenizer) never
         # die: frozen, the collector stops scanning them in every full collection while serving.
         gc.collect()
@@ -76,14 +89,29 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
+        """One step (see the module's docstring); a step that raises fails its culprit alone."""
+        # NOTE: filled as steps are collected, so a failure later in this call keeps them.
+        outputs: list[EngineCoreOutput] = []
+        try:
+            self._step(outputs)
+        except Exception as e:
+            return outputs + self._recover(e)
+        self._consecutive_failures = 0
+        return outputs
+
+    def _step(self, outputs: list[EngineCoreOutput]) -> None:
         overlap = self.async_scheduling and not self.scheduler.num_history_reqs
-        outputs = [] if overlap else self._collect_all()
+        if not overlap:
+            while self._in_flight:
+                outputs += self._collect_oldest()
         launched = False
         if self.scheduler.has_unfinished_requests():
             scheduler_output = self.scheduler.schedule()
             self._record_queue_times(scheduler_output)
             if not scheduler_output.is_empty:
+                self._launching = scheduler_output
                 handle = self.executor.launch_model(scheduler_output)
+                self._launching = None
                 self._in_flight.append((scheduler_output, handle))
                 launched = True
             elif scheduler_output.finished_req_ids or scheduler_output.preempted_req_ids:
@@ -92,17 +120,43 @@ class EngineCore:
                 self.executor.launch_model(scheduler_output)
         if self._in_flight and (not overlap or not launched or len(self._in_flight) > 1):
             outputs += self._collect_oldest()
-        return outputs
 
     def _collect_oldest(self) -> list[EngineCoreOutput]:
-        scheduler_output, handle = self._in_flight.popleft()
+        scheduler_output, handle = self._in_flight[0]
         runner_output = self.executor.collect_output(handle)
+        self._in_flight.popleft()
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
-    def _collect_all(self) -> list[EngineCoreOutput]:
-        outputs: list[EngineCoreOutput] = []
-        while self._in_flight:
-            outputs += self._collect_oldest()
+    def _recover(self, error: Exception) -> list[EngineCoreOutput]:
+        """Fails the culprit of a step that raised; recomputes the other requests of every step
+        whose results are lost (the one launching, and those in flight)."""
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            raise error
+        failing = self._launching or (self._in_flight[0][0] if self._in_flight else None)
+        lost = [out for out, _ in self._in_flight] + (
+            [self._launching] if self._launching is not None else []
+        )
+        self._launching = None
+        self._in_flight.clear()
+        self.executor.abandon_steps()
+        if isinstance(error, RequestPreparationError):
+            culprits = {error.request_id}
+        elif failing is not None and failing.scheduled_new_reqs:
+            culprits = {new.req_id for new in failing.scheduled_new_reqs}
+        else:
+            culprits = set(failing.num_scheduled_tokens) if failing is not None else set()
+        logger.error(
+            "a step failed (%s: %s): failing %d request(s), recomputing the others",
+            type(error).__name__,
+            error,
+            len(culprits),
+            exc_info=error,
+        )
+        reason = f"the engine failed while running the request: {type(error).__name__}: {error}"
+        outputs = self.scheduler.recover(lost, culprits, reason)
+        for req_id in culprits:
+            self._arrival_times.pop(req_id, None)
         return outputs
 
     def _record_queue_times(self, scheduler_output: SchedulerOutput) -> None:

@@ -13,3 +13,12 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """The engine could not run one request (the others go on); the message says why."""
+
+
+class RequestPreparationError(RuntimeError):
+    """The worker could not take one request into a step (its state was undone): the engine
+    fails that request alone."""
+
+    def __init__(self, request_id: str, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_id = request_id

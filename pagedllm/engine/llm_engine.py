@@ -68,7 +68,14 @@ class LLMEngine:
         processed = self.output_processor.process_outputs(self.engine_core.step())
         if processed.reqs_to_stop:
             self.engine_core.finish_requests(processed.reqs_to_stop, RequestStatus.FINISHED_STOPPED)
-        return processed.request_outputs
+        outputs = processed.request_outputs
+        for core_id, why in processed.failed:
+            # NOTE: ended in the core, and reported as finished with finish reason "error".
+            self.engine_core.abort_requests([core_id])
+            failed = self.output_processor.fail(core_id, why)
+            if failed is not None:
+                outputs.append(failed)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.engine_core.has_unfinished_requests()

@@ -8,6 +8,7 @@ n > 1 run as n child requests; a `ParentRequest` gathers them into one `RequestO
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ from pagedllm.outputs import (
     SampleLogprobs,
 )
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,6 +79,9 @@ class ProcessedOutputs:
     request_outputs: list[RequestOutput]
     # Requests a stop string ended: the engine must end them in the core too.
     reqs_to_stop: list[str]
+    # (engine-core id, why) of outputs that could not be processed (say, the tokenizer raised):
+    # the engine must fail those requests; their state is left for it to drop.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -112,12 +118,18 @@ class OutputProcessor:
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         results: list[RequestOutput] = []
         to_stop: list[str] = []
+        failed: list[tuple[str, str]] = []
         touched: dict[str, ParentRequest] = {}
         for out in outputs:
             state = self.states.get(out.request_id)
             if state is None:
                 continue
-            finish_reason, stop_reason = self._update(state, out)
+            try:
+                finish_reason, stop_reason = self._update(state, out)
+            except Exception as e:  # NOTE: one request's failure must not stop the others'
+                logger.exception("could not process the output of request %s", out.request_id)
+                failed.append((out.request_id, f"{type(e).__name__}: {e}"))
+                continue
             if finish_reason is not None and not out.finished:
                 to_stop.append(out.request_id)
             finished = finish_reason is not None
@@ -137,7 +149,20 @@ class OutputProcessor:
             output = self._parent_output(parent)
             if output is not None:
                 results.append(output)
-        return ProcessedOutputs(results, to_stop)
+        return ProcessedOutputs(results, to_stop, failed)
+
+    def fail(self, request_id: str, why: str) -> RequestOutput | None:
+        """Ends an engine-core request with finish reason "error" (`why` as its stop reason);
+        its output, or its parent's, as the request's output kind says (None: none to send)."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        state.detokenizer = None  # NOTE: it may be what failed; the text sent so far stands
+        completion = self._completion(state, True, str(FinishReason.ERROR), why)
+        if state.parent is None:
+            return self._request_output(state, [completion], True)
+        self._add_to_parent(state, completion, True)
+        return self._parent_output(state.parent)
 
     def _update(
         self, state: RequestState, out: EngineCoreOutput

@@ -17,6 +17,7 @@ class Processor:
         self.tokenizer = tokenizer
         self.vocab_size = config.model_config.vocab_size
         self.max_model_len = config.model_config.max_model_len
+        self.limits = config.request_limits
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """The prompt's text (if it had one) and its token ids."""
@@ -64,7 +65,7 @@ class Processor:
     ) -> tuple[str | None, Request]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        params.verify_for_engine(self.vocab_size, self.config.max_logprobs)
+        params.verify_for_engine(self.limits)
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise ValueError("stop strings and bad_words need a tokenizer; this engine has none")
         if params.bad_words:

@@ -90,6 +90,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         # Live requests whose sampling reads earlier token ids (penalties, bad words).
         self.num_history_reqs = 0
+        # Sent back to the queue by `recover` since the last schedule(): the worker drops them.
+        self._recovered_req_ids: set[str] = set()
 
     # ----- requests in and out -----
 
@@ -220,9 +222,10 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self.finished_req_ids,
-            preempted_req_ids={r.request_id for r in preempted},
+            preempted_req_ids={r.request_id for r in preempted} | self._recovered_req_ids,
         )
         self.finished_req_ids = set()
+        self._recovered_req_ids = set()
         # NOTE: the scheduled tokens count as computed from here on; the next schedule() sees
         # the step's results, because steps run one after another.
         for req_id, n in num_scheduled.items():
@@ -241,6 +244,33 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def recover(
+        self, failed: list[SchedulerOutput], culprits: set[str], reason: str
+    ) -> list[EngineCoreOutput]:
+        """After steps whose results are lost (a step raised): the `culprits` end with an error,
+        every other request of those steps goes back to the queue to be recomputed (preemption
+        by recompute: its output is unchanged), and blocks published before their content was
+        computed are forgotten. Returns the culprits' outputs (finish reason ERROR)."""
+        outputs: list[EngineCoreOutput] = []
+        affected = {r for out in failed for r in out.num_scheduled_tokens}
+        live = [self.requests[r] for r in affected if r in self.requests]
+        # NOTE: latest first, so the queue's front ends in arrival order.
+        for request in sorted(live, key=lambda r: r.arrival_order, reverse=True):
+            if request.is_finished:
+                continue
+            self._dequeue(request)
+            request.num_output_placeholders = 0
+            if request.request_id in culprits:
+                request.status = RequestStatus.FINISHED_ERROR
+                self._free(request)
+                outputs.append(EngineCoreOutput(request.request_id, [], FinishReason.ERROR, reason))
+            else:
+                self._preempt(request)
+                self._recovered_req_ids.add(request.request_id)
+                self.stats.num_preemptions += 1
+        self.kv_cache_manager.pool.forget_free_blocks()
+        return outputs
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput

@@ -25,5 +25,8 @@ class UniProcExecutor:
     def collect_output(self, handle: Any) -> ModelRunnerOutput:
         return self.worker.collect_output(handle)
 
+    def abandon_steps(self) -> None:
+        self.worker.abandon_steps()
+
     def shutdown(self) -> None:
         pass

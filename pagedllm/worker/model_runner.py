@@ -24,6 +24,7 @@ from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.utils import build_metadata, decode_order
 from pagedllm.config import EngineConfig
+from pagedllm.engine.exceptions import RequestPreparationError
 from pagedllm.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.linear import LinearBase
@@ -200,14 +201,20 @@ class ModelRunner:
         for req_id in out.preempted_req_ids:
             batch.remove_request(req_id)
         for new in out.scheduled_new_reqs:
-            batch.add_request(
-                new.req_id,
-                new.prompt_token_ids,
-                new.output_token_ids,
-                new.block_ids,
-                new.sampling_params,
-                self._seeded_generator(new.req_id, new.sampling_params.seed),
-            )
+            try:
+                batch.add_request(
+                    new.req_id,
+                    new.prompt_token_ids,
+                    new.output_token_ids,
+                    new.block_ids,
+                    new.sampling_params,
+                    self._seeded_generator(new.req_id, new.sampling_params.seed),
+                )
+            except Exception as e:
+                # NOTE: its row is undone; the engine fails this request alone.
+                batch.remove_request(new.req_id)
+                self.seeded_generators.pop(new.req_id, None)
+                raise RequestPreparationError(new.req_id, e) from e
         for cached in out.scheduled_cached_reqs:
             batch.append_block_ids(batch.req_to_row[cached.req_id], cached.new_block_ids)
 
@@ -371,6 +378,13 @@ class ModelRunner:
         return np.fromiter((computed[r] for r in req_ids), np.int64, len(req_ids))
 
     # ----- the step -----
+
+    def abandon_steps(self) -> None:
+        """Forgets the launched steps without collecting them (one raised). Their requests are
+        all dropped from the batch by the next step (ended, or sent back to be recomputed)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # NOTE: their copies to the host are done
+        self._last_sampled = None
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> InFlightStep | None:

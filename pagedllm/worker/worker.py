@@ -112,6 +112,9 @@ class Worker:
     def collect_output(self, step: InFlightStep | None) -> ModelRunnerOutput:
         return self.model_runner.collect(step)
 
+    def abandon_steps(self) -> None:
+        self.model_runner.abandon_steps()
+
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed tensor. On the CPU it comes from calloc'd memory (numpy), whose pages the OS

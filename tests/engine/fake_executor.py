@@ -28,6 +28,9 @@ class FakeExecutor:
     def collect_output(self, handle: ModelRunnerOutput) -> ModelRunnerOutput:
         return handle
 
+    def abandon_steps(self) -> None:
+        pass
+
     def launch_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.steps.append(out)
         for req_id in out.finished_req_ids | out.preempted_req_ids:

@@ -23,6 +23,18 @@ def test_chained_hash_depends_on_prefix() -> None:
     assert hash_block(None, [1, 2], b"salt") != hash_block(None, [1, 2])
 
 
+def test_forget_free_blocks_keeps_the_hashes_of_blocks_in_use() -> None:
+    """After a failed step: free blocks may hold content never computed; in-use ones do not."""
+    pool = BlockPool(4, enable_caching=True)
+    held, freed = pool.get_new_blocks(1), pool.get_new_blocks(2)
+    pool.cache_blocks(held + freed, [b"h0", b"h1", b"h2"])
+    pool.free_blocks(freed)
+    pool.forget_free_blocks()
+    assert pool.get_cached_block(b"h0") is held[0]
+    assert pool.get_cached_block(b"h1") is None and pool.get_cached_block(b"h2") is None
+    assert all(b.block_hash is None for b in freed) and pool.num_free_blocks == 3
+
+
 def test_pool_lru_and_eviction() -> None:
     pool = BlockPool(4, enable_caching=True)
     blocks = pool.get_new_blocks(3)

@@ -97,7 +97,7 @@ class RemoteServer:
         """The server's Prometheus samples by name (labels dropped; one model, so unique)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(self.url("/metrics"), timeout=10).text
+        text = httpx.get(self.url("/metrics"), headers=self.headers(), timeout=10).text
         return {
             s.name: s.value
             for family in text_string_to_metric_families(text)

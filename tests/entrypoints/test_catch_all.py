@@ -12,7 +12,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from pagedllm.entrypoints.openai.errors import CatchAllMiddleware, install_error_handlers
+from pagedllm.entrypoints.openai.errors import install_error_handlers
+from pagedllm.entrypoints.openai.middleware import CatchAllMiddleware
 from tests.entrypoints.conftest import free_port, httpx
 
 

@@ -70,7 +70,8 @@ def test_models_version_health(server: RemoteServer, client: openai.OpenAI) -> N
     assert httpx.get(server.url("/health")).status_code == 200  # open without the key
     from pagedllm import __version__
 
-    assert httpx.get(server.url("/version")).json() == {"version": __version__}
+    version = httpx.get(server.url("/version"), headers=server.headers())
+    assert version.json() == {"version": __version__}
     # A served alias works as the model name; responses report the first name.
     out = client.completions.create(model="tiny-alias", prompt="Hi", max_tokens=1)
     assert out.model == "tiny"
@@ -480,8 +481,11 @@ def test_api_key_is_required(server: RemoteServer, client: openai.OpenAI) -> Non
     _expect(401, httpx.get(server.url("/v1/models")))
     # Malformed JSON without the key is refused for the key first.
     _expect(401, httpx.post(server.url("/v1/completions"), content=b"{"))
+    # Every route but /health needs the key: /version, /metrics and the OpenAPI schema too.
     assert httpx.get(server.url("/health")).status_code == 200
-    assert httpx.get(server.url("/metrics")).status_code == 200
+    for path in ("/version", "/metrics", "/openapi.json", "/docs"):
+        _expect(401, httpx.get(server.url(path)))
+        assert httpx.get(server.url(path), headers=server.headers()).status_code == 200
     assert_serving(client)
 
 
@@ -588,7 +592,7 @@ def test_metrics_count_tokens(server: RemoteServer, client: openai.OpenAI) -> No
         after["pagedllm:generation_tokens_total"] - before["pagedllm:generation_tokens_total"] == 6
     )
     assert after["pagedllm:prompt_tokens_total"] - before["pagedllm:prompt_tokens_total"] == 4
-    text = httpx.get(server.url("/metrics")).text
+    text = httpx.get(server.url("/metrics"), headers=server.headers()).text
     for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
         assert f"pagedllm:{name}_bucket" in text
 

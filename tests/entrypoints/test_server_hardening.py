@@ -122,6 +122,27 @@ def test_many_bad_requests_leave_the_server_serving_and_idle(server, http) -> No
     assert metrics["pagedllm:kv_cache_usage_perc"] == 0
 
 
+def test_no_cors_headers_unless_asked(server, http) -> None:
+    origin = {"Origin": "https://anywhere.example"}
+    response = http.get("/v1/models", headers=origin)
+    assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+    preflight = http.options(
+        "/v1/completions", headers={**origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_request_chat_templates_are_refused_unless_trusted(http) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    response = http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "chat_template": "{{ messages }}"},
+    )
+    assert_openai_error(response, 400, "chat_template")
+    tokenized = http.post("/tokenize", json={"messages": messages, "chat_template": "{{ 1 }}"})
+    assert_openai_error(tokenized, 400, "chat_template")
+
+
 def test_sigterm_after_hostile_load_exits_0(server) -> None:
     assert server.stop() == 0
 

@@ -47,6 +47,48 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "max_new_tokens, else all the room the context leaves, as vLLM)",
     )
     parser.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=16 * 2**20,
+        help="larger request bodies are refused (400)",
+    )
+    parser.add_argument(
+        "--max-prompts", type=int, default=2048, help="most prompts in one /v1/completions request"
+    )
+    parser.add_argument(
+        "--max-messages", type=int, default=2048, help="most messages in one chat request"
+    )
+    parser.add_argument(
+        "--max-num-waiting",
+        type=int,
+        default=None,
+        help="past this many requests waiting in the engine, new ones get a 503 with Retry-After "
+        "(default: 4 x max_num_seqs, at least 1024; -1: no bound)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may take (streams included) before it is aborted with a 408 "
+        "(default: no limit)",
+    )
+    parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept a chat_template in requests (Jinja from clients; off: refused with 400)",
+    )
+    parser.add_argument(
+        "--metrics-unauthenticated",
+        action="store_true",
+        help="with --api-key, leave /metrics open to scrapers without the key",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=None,
+        help="CORS: the origins browsers may call from, or '*' (default: no CORS headers)",
+    )
+    parser.add_argument(
         "--uvicorn-log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -75,22 +117,38 @@ def read_chat_template(value: str | None) -> str | None:
 
 
 def serving_config_from_cli(
-    ns: argparse.Namespace, engine_args: EngineArgs, model_path: str | None = None
+    ns: argparse.Namespace, engine_args: EngineArgs, engine_config: Any | None = None
 ) -> Any:
+    """The server's settings; `engine_config` (the started engine's) fills the model path and
+    the defaults that depend on it (checked once before the engine starts, without it)."""
     from pagedllm.entrypoints.openai.serving_engine import ServingConfig
     from pagedllm.models.default import DEFAULT_MODEL
 
     tag = engine_args.model or DEFAULT_MODEL
+    max_num_waiting = ns.max_num_waiting
+    if max_num_waiting is None and engine_config is not None:
+        max_num_waiting = max(1024, 4 * engine_config.scheduler_config.max_num_seqs)
+    elif max_num_waiting is not None and max_num_waiting < 0:
+        max_num_waiting = None
+    if ns.request_timeout is not None and not ns.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be positive, got {ns.request_timeout}")
     return ServingConfig(
         served_model_names=tuple(ns.served_model_name or [tag]),
-        model_path=model_path or tag,
+        model_path=engine_config.model_config.model if engine_config is not None else tag,
         chat_template=read_chat_template(ns.chat_template),
-        max_logprobs=engine_args.max_logprobs,
         default_max_tokens=_positive(ns.default_max_tokens, "--default-max-tokens"),
+        max_request_body_bytes=_positive(ns.max_request_body_bytes, "--max-request-body-bytes"),
+        max_prompts=_positive(ns.max_prompts, "--max-prompts"),
+        max_messages=_positive(ns.max_messages, "--max-messages"),
+        max_num_waiting=max_num_waiting,
+        request_timeout=ns.request_timeout,
+        metrics_unauthenticated=ns.metrics_unauthenticated,
+        trust_request_chat_template=ns.trust_request_chat_template,
+        allowed_origins=tuple(ns.allowed_origins) if ns.allowed_origins else None,
     )
 
 
-def _positive(value: int | None, flag: str) -> int | None:
+def _positive(value: Any, flag: str) -> Any:
     if value is not None and value < 1:
         raise ValueError(f"{flag} must be at least 1, got {value}")
     return value

@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedllm.engine.exceptions import EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
@@ -29,6 +28,7 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     500: "internal_server_error",
     503: "service_unavailable",
 }
@@ -48,12 +48,14 @@ class OpenAIError(Exception):
         status: int = 400,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
 
 def error_body(
@@ -137,7 +139,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OpenAIError)
     async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc.message, exc.status, exc.param, exc.code)
+        response = error_response(exc.message, exc.status, exc.param, exc.code)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(EngineDeadError)
     async def _dead(request: Request, exc: EngineDeadError) -> JSONResponse:
@@ -147,37 +151,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _failed(request: Request, exc: RequestFailedError) -> JSONResponse:
         err = to_openai_error(exc)
         return error_response(err.message, err.status, err.param, err.code)
-
-
-class CatchAllMiddleware:
-    """Answers any exception that escapes a route with a 500 in OpenAI's shape, and keeps the
-    connection open: to be the app's outermost middleware.
-
-    NOTE: not an exception handler for Exception: starlette runs that one in its outermost
-    middleware, which re-raises after answering, and uvicorn then drops the keep-alive
-    connection. This one answers and swallows. Plain ASGI (streaming passes through untouched); an exception after the
-    response started can only end that response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_tracking)
-        except Exception as exc:
-            if started:
-                raise
-            err = to_openai_error(exc)
-            response = error_response(err.message, err.status, err.param, err.code)
-            await response(scope, receive, send)

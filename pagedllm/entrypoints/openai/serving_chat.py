@@ -68,6 +68,13 @@ class OpenAIServingChat(OpenAIServing):
         """The conversation → {"prompt": text, "prompt_token_ids": ids}; template errors are 400s."""
         if not messages:
             raise OpenAIError("messages must not be empty", param="messages")
+        if chat_template is not None and not self.config.trust_request_chat_template:
+            raise OpenAIError(
+                "chat_template in a request is refused: the server must be started with "
+                "--trust-request-chat-template",
+                param="chat_template",
+            )
+        self.check_count(messages, self.config.max_messages, "messages")
         conversation = [message_dict(m) for m in messages]
         tokenizer = self.need_tokenizer("chat")
         try:
@@ -88,7 +95,8 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         self.check_engine()
         self._check_unsupported(request)
-        prompt = self.render(
+        prompt = await self.off_loop(
+            self.render,
             request.messages,
             request.chat_template,
             request.add_generation_prompt,
@@ -108,6 +116,7 @@ class OpenAIServingChat(OpenAIServing):
         echo = ""
         if request.echo and last.role == ROLE:
             echo = message_dict(last)["content"]
+        self.check_capacity(request.n or 1)
         request_id = random_id("chatcmpl")
         gen = self.engine.generate(prompt, params, request_id)
         if request.stream:

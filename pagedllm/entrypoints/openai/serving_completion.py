@@ -52,7 +52,13 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError("suffix is not supported", param="suffix")
         if request.best_of is not None and request.best_of != (request.n or 1):
             raise OpenAIError("best_of is not supported (it must equal n)", param="best_of")
-        prompts = self._prompts(request)
+        raw = request.prompt
+        has_text = isinstance(raw, str) or any(isinstance(item, str) for item in raw)
+        # NOTE: text goes to the tokenizer thread; token ids are checked here (C-speed), so
+        # they never queue behind a huge text being tokenized.
+        prompts = (
+            await self.off_loop(self._prompts, request) if has_text else self._prompts(request)
+        )
         params = [
             self.sampling_params(
                 request,
@@ -62,6 +68,7 @@ class OpenAIServingCompletion(OpenAIServing):
         ]
         if request.echo:
             self.need_tokenizer("echo")
+        self.check_capacity(len(prompts) * (request.n or 1))
         request_id = random_id("cmpl")
         gens = [
             self.engine.generate(p.as_engine_prompt(), sp, f"{request_id}-{i}")
@@ -82,6 +89,7 @@ class OpenAIServingCompletion(OpenAIServing):
             items = list(raw)
         if not items:
             raise OpenAIError("prompt must not be empty", param="prompt")
+        self.check_count(items, self.config.max_prompts, "prompt")
         prompts = []
         for item in items:
             if isinstance(item, str):

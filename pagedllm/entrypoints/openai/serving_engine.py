@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,10 +42,25 @@ class ServingConfig:
     served_model_names: tuple[str, ...]
     model_path: str
     chat_template: str | None = None
-    max_logprobs: int = 20
     # max_tokens for a request that omits it (None: all the room the context leaves, as vLLM;
     # the model's generation config may set one too: the smaller wins).
     default_max_tokens: int | None = None
+    # Limits on one request (the engine's own, such as max_n, are in its EngineConfig).
+    max_request_body_bytes: int = 16 * 2**20
+    max_prompts: int = 2048  # prompts in one /v1/completions request
+    max_messages: int = 2048  # messages in one chat
+    # Back-pressure: past this many requests waiting in the engine, new ones get a 503 with
+    # Retry-After (None: no bound).
+    max_num_waiting: int | None = None
+    # Seconds a request may take, streams included, before it is aborted (None: no limit).
+    request_timeout: float | None = None
+    # With an API key: whether /metrics stays open to scrapers without it.
+    metrics_unauthenticated: bool = False
+    # CORS: the origins allowed (None: no CORS headers at all).
+    allowed_origins: tuple[str, ...] | None = None
+    # Whether a request may bring its own chat template (Jinja runs in the tokenizer thread:
+    # an untrusted template could loop for ever there). vLLM's --trust-request-chat-template.
+    trust_request_chat_template: bool = False
 
 
 def random_id(prefix: str) -> str:
@@ -75,6 +90,7 @@ class OpenAIServing:
     def __init__(self, engine: Any, config: ServingConfig) -> None:
         self.engine = engine
         self.config = config
+        self.limits = engine.config.request_limits
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len: int = self.model_config.max_model_len
@@ -83,7 +99,41 @@ class OpenAIServing:
         self.sampling_defaults: dict[str, Any] = dict(self.model_config.sampling_defaults)
         self.model_name = config.served_model_names[0]
 
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the engine's tokenizer thread (tokenizing, chat templates): never on
+        the event loop's thread, where a huge prompt would stall every stream."""
+        result: T = await self.engine.run_off_loop(fn, *args)
+        return result
+
     # ----- checks -----
+
+    def check_capacity(self, num_requests: int) -> None:
+        """Back-pressure: a 503 with Retry-After when the engine's queue is full."""
+        limit = self.config.max_num_waiting
+        if limit is None:
+            return
+        if num_requests > limit:  # NOTE: it could never be admitted: the client's fault
+            raise OpenAIError(
+                f"the request asks for {num_requests} samples (prompts x n); this server takes "
+                f"at most {limit} at once",
+                param="n",
+            )
+        waiting = self.engine.num_waiting_requests()
+        if waiting + num_requests > limit:
+            raise OpenAIError(
+                f"the server is overloaded: {waiting} requests are waiting (the limit is "
+                f"{limit}); retry later",
+                503,
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
+        self.engine.reserve(num_requests)
+
+    def check_count(self, items: Sequence[Any], limit: int, param: str) -> None:
+        if len(items) > limit:
+            raise OpenAIError(
+                f"{param} holds {len(items)} items; this server takes at most {limit}", param=param
+            )
 
     def check_model(self, name: str | None) -> None:
         """The request's model must be one of the served names (none given: the first)."""
@@ -153,7 +203,7 @@ class OpenAIServing:
         fields = tuple(type(request).model_fields)
         try:
             params: SamplingParams = request.to_sampling_params(max_tokens, self.sampling_defaults)
-            params.verify_for_engine(self.vocab_size, self.config.max_logprobs)
+            params.verify_for_engine(self.limits)
         except ValueError as e:
             raise to_openai_error(e, fields) from e
         return params

@@ -14,8 +14,12 @@ from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 
 
 class OpenAIServingTokenization(OpenAIServingChat):
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """In the tokenizer thread: a huge prompt must not stall the event loop."""
         self.check_model(request.model)
+        return await self.off_loop(self._tokenize, request)
+
+    def _tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         tokenizer = self.need_tokenizer("tokenize")
         if (request.prompt is None) == (request.messages is None):
             raise OpenAIError("give exactly one of prompt and messages", param="prompt")
@@ -41,8 +45,11 @@ class OpenAIServingTokenization(OpenAIServingChat):
             count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs
         )
 
-    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
+        return await self.off_loop(self._detokenize, request)
+
+    def _detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         tokenizer = self.need_tokenizer("detokenize")
         if request.tokens:
             self.check_token_ids(request.tokens, "tokens")
