@@ -147,6 +147,17 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """Which custom kernels the layers use on CUDA (ignored elsewhere): the fused Triton ops
+    (norms, rotary, the attention prologue, SiLU-and-mul) and, on top, the small-batch GEMV of
+    the linear layers. Defaults: the environment (`PAGEDLLM_FUSED_OPS=0`, `PAGEDLLM_GEMV=0`
+    turn them off; EngineArgs reads it once)."""
+
+    fused_ops: bool = True
+    gemv: bool = True
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine needs, in one object."""
 
@@ -159,6 +170,7 @@ class EngineConfig:
     enforce_eager: bool = False
     # Schedule and launch step N+1 before step N's sampled ids reach the host (see EngineCore).
     async_scheduling: bool = False
+    kernel_config: KernelConfig = field(default_factory=KernelConfig)
     max_logprobs: int = 20
     max_n: int = 128
     max_stop_strings: int = 64

@@ -20,6 +20,7 @@ from pagedllm.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    KernelConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -84,6 +85,20 @@ class EngineArgs:
         default=None, metadata=_help("torch, triton (default: best)")
     )
     enforce_eager: bool = field(default=False, metadata=_help("no CUDA graphs"))
+    fused_ops: bool | None = field(
+        default=None,
+        metadata=_help(
+            "fused Triton kernels on CUDA: norms, rotary, the attention prologue, SiLU-and-mul "
+            "(default: on, unless PAGEDLLM_FUSED_OPS=0)"
+        ),
+    )
+    gemv: bool | None = field(
+        default=None,
+        metadata=_help(
+            "the Triton GEMV for linears of a few rows on CUDA (default: on, unless "
+            "PAGEDLLM_GEMV=0 or the fused kernels are off)"
+        ),
+    )
     async_scheduling: bool | None = field(
         default=None,
         metadata=_help("prepare the next step while the GPU runs this one (default: on for CUDA)"),
@@ -170,6 +185,7 @@ class EngineArgs:
             device_config=DeviceConfig(device=device),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            kernel_config=self._kernel_config(),
             async_scheduling=(
                 device == "cuda" if self.async_scheduling is None else self.async_scheduling
             ),
@@ -178,6 +194,16 @@ class EngineArgs:
             max_stop_strings=self.max_stop_strings,
             disable_log_stats=self.disable_log_stats,
         )
+
+    def _kernel_config(self) -> KernelConfig:
+        """The switches given, else the environment's (read here, once)."""
+        fused_ops = self.fused_ops
+        if fused_ops is None:
+            fused_ops = os.environ.get("PAGEDLLM_FUSED_OPS", "1") != "0"
+        gemv = self.gemv
+        if gemv is None:
+            gemv = os.environ.get("PAGEDLLM_GEMV", "1") != "0"
+        return KernelConfig(fused_ops=fused_ops, gemv=fused_ops and gemv)
 
 
 def _cli_type(annotation: Any) -> Any:

@@ -8,11 +8,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedllm.engine.input_processor import PromptType, render_chat
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.processor import PromptType
 from pagedllm.engine_args import EngineArgs
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams, is_valid_text
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -144,38 +144,3 @@ def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:
     raise ValueError(
         "messages must be a list of {'role', 'content'} dicts, or a list of such lists"
     )
-
-
-def render_chat(
-    tokenizer: Any,
-    conversation: list[dict[str, Any]],
-    chat_template: str | None = None,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    chat_template_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One conversation → `{"prompt": text, "prompt_token_ids": ids}` through `tokenizer`'s chat
-    template (or `chat_template`); shared by `LLM.chat` and the OpenAI server.
-
-    NOTE: the template writes any BOS itself, so the text is tokenized without special tokens.
-    """
-    if tokenizer is None:
-        raise ValueError("chat needs a tokenizer; this engine has none")
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the model has no chat template: pass chat_template=")
-    if add_generation_prompt and continue_final_message:
-        raise ValueError("add_generation_prompt and continue_final_message exclude each other")
-    text = tokenizer.apply_chat_template(
-        conversation,
-        chat_template=chat_template,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-        tokenize=False,
-        **(chat_template_kwargs or {}),
-    )
-    if not is_valid_text(text):
-        raise ValueError("messages are not valid Unicode (they hold a lone UTF-16 surrogate)")
-    return {
-        "prompt": text,
-        "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
-    }

@@ -1,17 +1,30 @@
-"""The attention backend interface and `AttentionMetadata`, the runner → attention contract.
+"""The attention backend interface: `AttentionBackend` (a backend's impl, metadata builder and KV
+cache layout), `AttentionMetadata` (the runner → attention contract) and the backend registry.
 
-KV cache layout, per layer: one tensor of shape `[2, num_blocks, block_size, num_kv_heads, head_dim]`
-(index 0 holds K, index 1 holds V). Token `t` of a request lives in slot
-`block_table[i][t // block_size] * block_size + t % block_size`.
+A backend owns three things, so that nothing outside it knows them:
+- its KV-cache layout: `AttentionBackend.kv_cache_shape(num_blocks, spec)`; the default is one
+  tensor per layer of `[2, num_blocks, block_size, num_kv_heads, head_dim]` (index 0 holds K,
+  index 1 holds V), where token `t` of a request lives in slot
+  `block_table[i][t // block_size] * block_size + t % block_size`;
+- its metadata: `AttentionMetadataBuilder.build` turns a step's host arrays
+  (`StepAttentionInputs`) into the `AttentionMetadata` its kernels read;
+- its CUDA-graph buffers: the builder keeps the static device tensors a captured graph reads
+  (`graph_metadata`), and `fill_graph` copies a step's arrays into them before a replay.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pagedllm.engine.kv_cache_spec import KVCacheSpec
 
 
 @dataclass
@@ -45,7 +58,138 @@ class AttentionMetadata:
 def kv_cache_shape(
     num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
 ) -> tuple[int, ...]:
+    """The standard paged layout (see the module docstring)."""
     return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+
+@dataclass
+class StepAttentionInputs:
+    """A step's attention inputs on the host (numpy), as the runner computes them; a builder
+    turns them into its backend's `AttentionMetadata`."""
+
+    query_start_loc: np.ndarray  # int32 [num_reqs + 1]
+    seq_lens: np.ndarray  # int32 [num_reqs]
+    block_table: np.ndarray  # int32 [num_reqs, max_blocks]
+    slot_mapping: np.ndarray  # int64 [num_tokens]
+    max_query_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+
+# Copies a host array to the device (the runner's pinned stager): `to_device(array) -> tensor`.
+ToDevice = Callable[[np.ndarray], torch.Tensor]
+# Copies a host array into a device tensor of its shape: `copy_into(array, tensor)`.
+CopyInto = Callable[[np.ndarray, torch.Tensor], None]
+
+
+class AttentionMetadataBuilder:
+    """Builds `AttentionMetadata` for one backend: fresh device tensors for an eager step, or the
+    static buffers of the CUDA graphs (allocated by `init_graph_buffers`)."""
+
+    # Whether the backend's kernels schedule by `AttentionMetadata.decode_order`.
+    uses_decode_order = False
+
+    def __init__(self, device: torch.device, max_model_len: int) -> None:
+        self.device = device
+        self.max_model_len = max_model_len
+        self._graph: dict[str, torch.Tensor] = {}
+        self._graph_metadata: dict[int, AttentionMetadata] = {}
+
+    def build(self, inputs: StepAttentionInputs, to_device: ToDevice) -> AttentionMetadata:
+        order = self._decode_order(inputs.seq_lens)
+        return AttentionMetadata(
+            num_reqs=inputs.num_reqs,
+            num_actual_tokens=inputs.num_tokens,
+            max_query_len=inputs.max_query_len,
+            max_seq_len=int(inputs.seq_lens.max()),
+            query_start_loc=to_device(inputs.query_start_loc),
+            seq_lens=to_device(inputs.seq_lens),
+            block_table=to_device(inputs.block_table),
+            slot_mapping=to_device(inputs.slot_mapping),
+            query_start_loc_cpu=torch.from_numpy(inputs.query_start_loc),
+            seq_lens_cpu=torch.from_numpy(inputs.seq_lens),
+            decode_order=None if order is None else to_device(order),
+        )
+
+    def _decode_order(self, seq_lens: np.ndarray) -> np.ndarray | None:
+        if not self.uses_decode_order:
+            return None
+        from pagedllm.attention.utils import decode_order
+
+        return decode_order(seq_lens)
+
+    # ----- CUDA graphs (decode steps: one query token per request) -----
+
+    def init_graph_buffers(self, max_size: int, max_blocks_per_req: int) -> None:
+        """The static tensors graphs of up to `max_size` requests read. Padding rows are inert:
+        slot -1 (the K/V write skips it), an empty query range, context length 0 and the last
+        places of the decode order, so the kernels read nothing for them."""
+        i64, i32, dev = torch.int64, torch.int32, self.device
+        self._graph = {
+            "slot_mapping": torch.full((max_size,), -1, dtype=i64, device=dev),
+            "seq_lens": torch.zeros(max_size, dtype=i32, device=dev),
+            "query_start_loc": torch.arange(max_size + 1, dtype=i32, device=dev),
+            "decode_order": torch.arange(max_size, dtype=i32, device=dev),
+            "block_table": torch.zeros(max_size, max_blocks_per_req, dtype=i32, device=dev),
+        }
+        self._graph_metadata = {}
+
+    def graph_metadata(self, size: int) -> AttentionMetadata:
+        """The metadata the graph of `size` rows is captured with (views of the buffers).
+
+        NOTE: its host ints are frozen at capture: `max_seq_len` is `max_model_len` (a backend
+        sizes its launch for the longest context; its kernels read the true lengths)."""
+        if size not in self._graph_metadata:
+            g = self._graph
+            self._graph_metadata[size] = AttentionMetadata(
+                num_reqs=size,
+                num_actual_tokens=size,
+                max_query_len=1,
+                max_seq_len=self.max_model_len,
+                query_start_loc=g["query_start_loc"][: size + 1],
+                seq_lens=g["seq_lens"][:size],
+                block_table=g["block_table"][:size],
+                slot_mapping=g["slot_mapping"][:size],
+                # NOTE: graph-safe backends never read the host copies; these fill the fields.
+                query_start_loc_cpu=torch.arange(size + 1, dtype=torch.int32),
+                seq_lens_cpu=torch.zeros(size, dtype=torch.int32),
+                decode_order=g["decode_order"][:size] if self.uses_decode_order else None,
+            )
+        return self._graph_metadata[size]
+
+    def fill_graph(
+        self,
+        inputs: StepAttentionInputs,
+        size: int,
+        copy_into: CopyInto,
+        to_device: ToDevice,
+    ) -> AttentionMetadata:
+        """Copies a decode step of `inputs.num_reqs <= size` requests into the buffers of the
+        graph of `size` rows (padded inert) and returns that graph's metadata."""
+        g, n = self._graph, inputs.num_reqs
+        copy_into(pad_1d(inputs.slot_mapping, size, -1), g["slot_mapping"][:size])
+        copy_into(pad_1d(inputs.seq_lens, size, 0), g["seq_lens"][:size])
+        copy_into(pad_1d(inputs.query_start_loc, size + 1, n), g["query_start_loc"][: size + 1])
+        order = self._decode_order(inputs.seq_lens)
+        if order is not None:
+            padded = np.concatenate([order, np.arange(n, size, dtype=np.int32)])
+            copy_into(padded, g["decode_order"][:size])
+        width = inputs.block_table.shape[1]
+        g["block_table"][:n, :width].copy_(to_device(inputs.block_table))
+        return self.graph_metadata(size)
+
+
+def pad_1d(a: np.ndarray, size: int, value: int) -> np.ndarray:
+    """`a` extended to `size` entries with `value` (a step's arrays to a padded row count)."""
+    out = np.full(size, value, dtype=a.dtype)
+    out[: a.size] = a
+    return out
 
 
 class AttentionImpl(ABC):
@@ -94,14 +238,34 @@ class AttentionImpl(ABC):
         """
 
 
+class AttentionBackend(ABC):
+    """One attention backend: its per-layer computation, its metadata builder, its layout."""
+
+    name: str = ""
+
+    @staticmethod
+    @abstractmethod
+    def get_impl_cls() -> type[AttentionImpl]: ...
+
+    @staticmethod
+    def get_builder_cls() -> type[AttentionMetadataBuilder]:
+        return AttentionMetadataBuilder
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, spec: KVCacheSpec) -> tuple[int, ...]:
+        """The shape of one layer's cache tensor for `num_blocks` blocks of `spec`."""
+        return kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+
+
 _BACKENDS: dict[str, str] = {
-    "torch": "pagedllm.attention.torch_ref:TorchRefAttention",
-    "triton": "pagedllm.attention.triton.backend:TritonAttention",
+    "torch": "pagedllm.attention.torch_ref:TorchRefBackend",
+    "triton": "pagedllm.attention.triton.backend:TritonBackend",
 }
 
 
 def register_backend(name: str, target: str) -> None:
-    """Registers `module:Class` under `name`; the module is imported when the backend is chosen."""
+    """Registers `module:Class` (an AttentionBackend) under `name`; the module is imported when
+    the backend is chosen."""
     _BACKENDS[name] = target
 
 
@@ -109,8 +273,8 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_attention_impl_cls(name: str | None, device: str) -> type[AttentionImpl]:
-    """The backend class by name; `None` picks the best one for the device."""
+def get_attention_backend(name: str | None, device: str) -> type[AttentionBackend]:
+    """The backend by name; `None` picks the best one for the device."""
     if name is None:
         name = "triton" if device == "cuda" and "triton" in _BACKENDS else "torch"
     if name not in _BACKENDS:
@@ -118,4 +282,10 @@ def get_attention_impl_cls(name: str | None, device: str) -> type[AttentionImpl]
             f"unknown attention backend {name!r}; available: {', '.join(available_backends())}"
         )
     module_name, cls_name = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+    backend: type[AttentionBackend] = getattr(importlib.import_module(module_name), cls_name)
+    return backend
+
+
+def get_attention_impl_cls(name: str | None, device: str) -> type[AttentionImpl]:
+    """The impl class of the backend `get_attention_backend` picks."""
+    return get_attention_backend(name, device).get_impl_cls()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from pagedllm.attention.backend import AttentionImpl, AttentionMetadata
+from pagedllm.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadata
 
 _DECODE_CHUNK_BYTES = 8 << 20
 
@@ -197,3 +197,13 @@ class TorchRefAttention(AttentionImpl):
             scale=self.scale,
         )  # [B, Hkv, G, D]
         output[rows] = out.reshape(len(reqs), self.num_heads, self.head_dim)
+
+
+class TorchRefBackend(AttentionBackend):
+    """The reference backend: the standard layout and metadata, no CUDA graphs."""
+
+    name = "torch"
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        return TorchRefAttention

@@ -1,12 +1,13 @@
-"""`build_metadata`: `AttentionMetadata` from plain per-request lists (tests, simple runners);
-`decode_order`: the longest-first request order of a step."""
+"""`build_step_inputs` and `build_metadata`: a step's attention inputs (host arrays) and its
+`AttentionMetadata` from plain per-request lists (warm-up, tests, benchmarks); `decode_order`:
+the longest-first request order of a step."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.backend import AttentionMetadata, StepAttentionInputs
 
 
 def decode_order(seq_lens: np.ndarray) -> np.ndarray:
@@ -18,6 +19,20 @@ def decode_order(seq_lens: np.ndarray) -> np.ndarray:
     H200, 256 requests of T1-like random lengths, 4-7 % less attention time than random order.
     """
     return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
+
+
+def build_step_inputs(
+    query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int
+) -> StepAttentionInputs:
+    """The host arrays of `build_metadata`'s step, for a backend's metadata builder."""
+    md = build_metadata(query_lens, seq_lens, block_tables, block_size, "cpu")
+    return StepAttentionInputs(
+        query_start_loc=md.query_start_loc_cpu.numpy(),
+        seq_lens=md.seq_lens_cpu.numpy(),
+        block_table=md.block_table.numpy(),
+        slot_mapping=md.slot_mapping.numpy(),
+        max_query_len=md.max_query_len,
+    )
 
 
 def build_metadata(

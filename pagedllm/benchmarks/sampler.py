@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     if ns.device == "cpu":
         use_interpreter()
-    from pagedllm.worker import sample_kernels as sk
+    from pagedllm.worker.sample import kernels as sk
 
     rows_list = [1, 4] if ns.tiny else _ints(ns.rows)
     vocabs = [3000] if ns.tiny else _ints(ns.vocab)
@@ -71,7 +71,8 @@ def _time_us(device: str, call: Callable[[torch.Tensor], object], xs: list[torch
 
 
 def _case(device: str, rows: int, vocab: int, configs: list, sk) -> None:  # type: ignore[no-untyped-def]
-    from pagedllm.worker.sampler import Sampler, SamplingMetadata, argmax_rows
+    from pagedllm.worker.sample import Sampler, SamplingMetadata
+    from pagedllm.worker.sample.ops import argmax_rows
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     nbytes = rows * vocab * dtype.itemsize

@@ -1,6 +1,6 @@
 """AsyncLLM: the engine for asyncio applications (the OpenAI server, or any other).
 
-Input processing (tokenizer, validation, the n > 1 fan-out) and output processing
+Input processing (tokenizer, checks, the n > 1 fan-out: input_processor.py) and output processing
 (detokenization, stop strings, output kinds) run here, in the caller's process; the EngineCore
 runs in its own process (core_proc.py), so neither HTTP nor detokenization stalls the step loop.
 
@@ -28,17 +28,21 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine import serial
 from pagedllm.engine.core_client import EngineCoreClient
 from pagedllm.engine.exceptions import EngineDeadError, RequestFailedError
-from pagedllm.engine.llm_engine import prepare_request
+from pagedllm.engine.input_processor import (
+    CheckedInput,
+    InputProcessor,
+    PromptType,
+    prepare_request,
+)
 from pagedllm.engine.output_processor import OutputProcessor
-from pagedllm.engine.processor import Processor, PromptType
+from pagedllm.engine.outputs import EngineCoreOutput, EngineCoreOutputs
 from pagedllm.engine.request import FinishReason
-from pagedllm.engine.scheduler import EngineCoreOutput
 from pagedllm.engine.stats import SchedulerStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -141,7 +145,7 @@ class AsyncLLM:
         self.config = config
         self.model_config: ModelConfig = config.model_config
         self.tokenizer = get_tokenizer(config.model_config.tokenizer)
-        self.processor = Processor(config, self.tokenizer)
+        self.input_processor = InputProcessor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCoreClient(config)
         from pagedllm.metrics.prometheus import PrometheusStatLogger
@@ -169,18 +173,24 @@ class AsyncLLM:
     # ----- requests -----
 
     async def generate(
-        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
+        self,
+        prompt: PromptType | CheckedInput,
+        sampling_params: SamplingParams | None,
+        request_id: str,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Streams one request's outputs as `sampling_params.output_kind` says.
 
-        Bad input raises ValueError before the first output. If the consumer stops iterating
+        Bad input raises ValueError before the first output; a `CheckedInput` (the server's:
+        `sampling_params` is then None) is not checked again. If the consumer stops iterating
         before the request finished, the request is aborted in the engine. If the engine
         process died, raises EngineDeadError.
         """
         self._check_alive()
         self._ensure_output_handler()
-        prompt = await self._tokenized(prompt)
-        collector = self._add_request(request_id, prompt, sampling_params)
+        if request_id in self._collectors:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        checked = await self._checked(prompt, sampling_params)
+        collector = self._add_request(request_id, checked)
         finished = False
         try:
             while not finished:
@@ -197,15 +207,22 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_thread, fn, *args)
 
-    async def _tokenized(self, prompt: PromptType) -> PromptType:
-        """A text prompt as `{"prompt", "prompt_token_ids"}`, tokenized in the tokenizer thread."""
+    async def _checked(
+        self, prompt: PromptType | CheckedInput, params: SamplingParams | None
+    ) -> CheckedInput:
+        """The checked input: a text prompt is tokenized (and checked) in the tokenizer thread;
+        token ids are checked here, so they never queue behind a huge text."""
+        if isinstance(prompt, CheckedInput):
+            if params is not None and params is not prompt.sampling_params:
+                raise ValueError("a CheckedInput carries its own sampling_params: pass None")
+            return prompt
+        check = self.input_processor.check
         is_text = isinstance(prompt, str) or (
             isinstance(prompt, dict) and "prompt_token_ids" not in prompt and "prompt" in prompt
         )
-        if not is_text:
-            return prompt
-        text, ids = await self.run_off_loop(self.processor.tokenize, prompt)
-        return {"prompt": text, "prompt_token_ids": ids}
+        # NOTE: check_params refuses anything but SamplingParams (None included).
+        params = cast(SamplingParams, params)
+        return await self.run_off_loop(check, prompt, params) if is_text else check(prompt, params)
 
     def num_waiting_requests(self) -> int:
         """Engine-core requests sent and not running yet (as of the core's last message), plus
@@ -232,14 +249,12 @@ class AsyncLLM:
             if not first.count:
                 self._reservations.popleft()
 
-    def _add_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
-    ) -> RequestOutputCollector:
-        """Validates, registers and sends one request; on any failure nothing stays behind."""
+    def _add_request(self, request_id: str, checked: CheckedInput) -> RequestOutputCollector:
+        """Registers and sends one request; on any failure nothing stays behind."""
         if request_id in self._collectors:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         requests = prepare_request(
-            self.processor, self.output_processor, request_id, prompt, params
+            self.input_processor, self.output_processor, request_id, checked, None
         )
         try:
             self.engine_core.add_requests(requests)
@@ -247,7 +262,7 @@ class AsyncLLM:
             self.output_processor.abort_requests([request_id])
             raise
         self._use_reservation(len(requests))
-        collector = RequestOutputCollector(params.output_kind)
+        collector = RequestOutputCollector(checked.sampling_params.output_kind)
         self._collectors[request_id] = collector
         self._times[request_id] = _RequestTimes(arrival=time.monotonic())
         return collector
@@ -256,7 +271,10 @@ class AsyncLLM:
         """Aborts a request; its consumer (if any) gets a last output, finish reason "abort"."""
         child_ids = self._live_core_ids(request_id)
         if request_id in self._collectors and child_ids:
-            aborted = [EngineCoreOutput(c, [], FinishReason.ABORT) for c in child_ids]
+            aborted = [
+                EngineCoreOutput(request_id=c, new_token_ids=[], finish_reason=FinishReason.ABORT)
+                for c in child_ids
+            ]
             for output in self.output_processor.process_outputs(aborted).request_outputs:
                 self._deliver(output, time.monotonic())
         self._abort_now(request_id, child_ids)
@@ -357,7 +375,7 @@ class AsyncLLM:
         for collector in self._collectors.values():
             collector.put(error)
 
-    async def _process(self, batch: serial.EngineCoreOutputs) -> None:
+    async def _process(self, batch: EngineCoreOutputs) -> None:
         self._stats = batch.stats
         self.stat_logger.record_scheduler_stats(batch.stats)
         if batch.queue_times:
@@ -375,7 +393,12 @@ class AsyncLLM:
             if processed.failed:
                 self._fail_requests(
                     [
-                        EngineCoreOutput(c, [], FinishReason.ERROR, why)
+                        EngineCoreOutput(
+                            request_id=c,
+                            new_token_ids=[],
+                            finish_reason=FinishReason.ERROR,
+                            stop_reason=why,
+                        )
                         for c, why in processed.failed
                     ]
                 )

@@ -3,11 +3,14 @@
 It runs in the caller's process under `LLMEngine`, or in its own process under
 `EngineCoreProc` (core_proc.py) for `AsyncLLM`.
 
-With `async_scheduling` (the default on CUDA) one step stays in flight: each `step()` schedules
-and launches step N+1, then waits for step N's sampled ids and updates the scheduler with them.
-The host's work between two steps (scheduling, input preparation, output processing) then runs
-while the GPU computes, instead of between GPU steps. Steps fall back to one at a time while a
-live request samples with penalties or bad words (its sampler reads the ids just sampled).
+`step()` is one of two methods, chosen once from `config.async_scheduling`:
+- `_step_sync`: schedule, launch, wait for the results, update the scheduler;
+- `_step_async` (the default on CUDA): one step stays in flight: schedule and launch step N+1,
+  then wait for step N's sampled ids and update the scheduler with them, so the host's work
+  between two steps (scheduling, input preparation, output processing) runs while the GPU
+  computes. It falls back to `_step_sync` while a live request samples with penalties or bad
+  words (its sampler reads the ids just sampled).
+Either way a step that raises fails its culprit alone (`_recover`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import gc
 import logging
 import time
 from collections import deque
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeAlias
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.exceptions import RequestPreparationError
+from pagedllm.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
-from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
-from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -32,16 +36,32 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 3
 
 
+# A launched step, as `Executor.launch_model` returns it and `collect_output` takes it back.
+# NOTE: opaque to the engine (the worker's own in-flight step): any executor's type fits.
+StepHandle: TypeAlias = object
+
+
 class Executor(Protocol):
+    """What the engine core drives: one worker or many (`pagedllm.executor.executor_class`
+    picks the class for the config)."""
+
+    def __init__(self, config: EngineConfig) -> None: ...
+
     def determine_num_blocks(self) -> int: ...
 
     def initialize_cache(self, num_blocks: int) -> None: ...
 
-    def launch_model(self, scheduler_output: SchedulerOutput) -> Any:
+    def warm_up(self) -> None:
+        """Compiles kernels and captures CUDA graphs (after the cache is allocated)."""
+        ...
+
+    def launch_model(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Starts a step without waiting for its results; `collect_output` returns them."""
         ...
 
-    def collect_output(self, handle: Any) -> ModelRunnerOutput: ...
+    def collect_output(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Waits for a launched step's results (steps are collected in launch order)."""
+        ...
 
     def abandon_steps(self) -> None:
         """Forgets every launched step without collecting it (after one raised)."""
@@ -56,14 +76,18 @@ class EngineCore:
         self.executor = executor
         self.num_blocks = executor.determine_num_blocks()
         executor.initialize_cache(self.num_blocks)
+        executor.warm_up()
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
         # When each request not scheduled yet arrived (time.monotonic()).
         self._arrival_times: dict[str, float] = {}
         # Seconds each request first scheduled by the last step() had waited in the queue.
         self.step_queue_times: dict[str, float] = {}
         self.async_scheduling = config.async_scheduling
+        self._step: Callable[[list[EngineCoreOutput]], None] = (
+            self._step_async if config.async_scheduling else self._step_sync
+        )
         # Launched steps whose results are not collected yet (at most two, oldest first).
-        self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
+        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         self._launching: SchedulerOutput | None = None  # the step being launched
         self._consecutive_failures = 0
         # NOTE: start-up's objects (the model, its modules and tensors, graphs, tokenizer) never
@@ -99,27 +123,41 @@ class EngineCore:
         self._consecutive_failures = 0
         return outputs
 
-    def _step(self, outputs: list[EngineCoreOutput]) -> None:
-        overlap = self.async_scheduling and not self.scheduler.num_history_reqs
-        if not overlap:
-            while self._in_flight:
-                outputs += self._collect_oldest()
-        launched = False
-        if self.scheduler.has_unfinished_requests():
-            scheduler_output = self.scheduler.schedule()
-            self._record_queue_times(scheduler_output)
-            if not scheduler_output.is_empty:
-                self._launching = scheduler_output
-                handle = self.executor.launch_model(scheduler_output)
-                self._launching = None
-                self._in_flight.append((scheduler_output, handle))
-                launched = True
-            elif scheduler_output.finished_req_ids or scheduler_output.preempted_req_ids:
-                # Let the worker drop ended and preempted requests even when nothing runs (a
-                # preemption can schedule nothing when the others' tokens in flight end them).
-                self.executor.launch_model(scheduler_output)
-        if self._in_flight and (not overlap or not launched or len(self._in_flight) > 1):
+    def _step_sync(self, outputs: list[EngineCoreOutput]) -> None:
+        """Schedule, launch, collect: one step at a time."""
+        while self._in_flight:  # launched while steps overlapped
             outputs += self._collect_oldest()
+        self._schedule_and_launch()
+        if self._in_flight:
+            outputs += self._collect_oldest()
+
+    def _step_async(self, outputs: list[EngineCoreOutput]) -> None:
+        """Launch step N+1, then collect step N: one step stays in flight."""
+        if self.scheduler.num_history_reqs:
+            # NOTE: a request's sampler reads the ids its last step sampled: no overlap.
+            self._step_sync(outputs)
+            return
+        launched = self._schedule_and_launch()
+        if self._in_flight and (not launched or len(self._in_flight) > 1):
+            outputs += self._collect_oldest()
+
+    def _schedule_and_launch(self) -> bool:
+        """Schedules a step and launches it; whether a step with work was launched."""
+        if not self.scheduler.has_unfinished_requests():
+            return False
+        scheduler_output = self.scheduler.schedule()
+        self._record_queue_times(scheduler_output)
+        if not scheduler_output.is_empty:
+            self._launching = scheduler_output
+            handle = self.executor.launch_model(scheduler_output)
+            self._launching = None
+            self._in_flight.append((scheduler_output, handle))
+            return True
+        if scheduler_output.finished_req_ids or scheduler_output.preempted_req_ids:
+            # Let the worker drop ended and preempted requests even when nothing runs (a
+            # preemption can schedule nothing when the others' tokens in flight end them).
+            self.executor.launch_model(scheduler_output)
+        return False
 
     def _collect_oldest(self) -> list[EngineCoreOutput]:
         scheduler_output, handle = self._in_flight[0]

@@ -31,8 +31,9 @@ import zmq
 from pagedllm.config import EngineConfig
 from pagedllm.engine import serial
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.outputs import EngineCoreOutput, EngineCoreOutputs
 from pagedllm.engine.request import FinishReason, RequestStatus
-from pagedllm.engine.scheduler import EngineCoreOutput
+from pagedllm.executor import executor_class
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,7 @@ class EngineCoreProc:
         self.output_socket = self.ctx.socket(zmq.PUSH)
         self.output_socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block on outputs
         self.output_socket.connect(output_address)
-        from pagedllm.executor.uniproc import UniProcExecutor
-
-        self.core = EngineCore(config, UniProcExecutor(config))
+        self.core = EngineCore(config, executor_class(config)(config))
         # Outputs made outside a step (a rejected request), sent with the next message.
         self._pending: list[EngineCoreOutput] = []
         parent = multiprocessing.parent_process()
@@ -92,7 +91,14 @@ class EngineCoreProc:
                 req_id = str(payload[0]) if isinstance(payload, list) and payload else "?"
                 logger.warning("refused request %s: %s: %s", req_id, type(e).__name__, e)
                 why = f"the engine refused the request: {type(e).__name__}: {e}"
-                self._pending.append(EngineCoreOutput(req_id, [], FinishReason.ERROR, why))
+                self._pending.append(
+                    EngineCoreOutput(
+                        request_id=req_id,
+                        new_token_ids=[],
+                        finish_reason=FinishReason.ERROR,
+                        stop_reason=why,
+                    )
+                )
         elif kind == serial.InputKind.ABORT:
             self.core.abort_requests(payload)
         elif kind == serial.InputKind.FINISH:
@@ -103,7 +109,7 @@ class EngineCoreProc:
     def _send(self, outputs: list[EngineCoreOutput], queue_times: dict[str, float]) -> None:
         if self._pending:
             outputs, self._pending = self._pending + outputs, []
-        batch = serial.EngineCoreOutputs(outputs, self.core.make_stats(), queue_times)
+        batch = EngineCoreOutputs(outputs, self.core.make_stats(), queue_times)
         self.output_socket.send(serial.encode_outputs(batch), copy=False)
 
     def send_failure(self, text: str) -> None:

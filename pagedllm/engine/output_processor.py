@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.outputs import EngineCoreOutput, Logprobs
 from pagedllm.engine.request import FinishReason
-from pagedllm.engine.scheduler import EngineCoreOutput
-from pagedllm.engine.scheduler_output import Logprobs
 from pagedllm.outputs import (
     CompletionOutput,
     Logprob,
@@ -168,7 +167,8 @@ class OutputProcessor:
         self, state: RequestState, out: EngineCoreOutput
     ) -> tuple[str | None, int | str | None]:
         """Takes in one step's news; returns the finish and stop reasons (a stop string too)."""
-        state.num_cached_tokens = out.num_cached_tokens
+        if out.num_cached_tokens is not None:
+            state.num_cached_tokens = out.num_cached_tokens
         if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None:
             self._extend_prompt_logprobs(state.prompt_logprobs, out.new_prompt_logprobs)
         state.token_ids.extend(out.new_token_ids)

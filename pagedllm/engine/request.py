@@ -53,6 +53,10 @@ _FINISH_REASON = {
 }
 
 
+# NOTE: the field metadata serial.py reads: a field marked so stays on its side of the socket.
+_CORE_STATE = {"wire": False}
+
+
 @dataclass(eq=False)
 class Request:
     """A sequence: `num_tokens` known tokens, of which `num_computed_tokens` are in the KV cache.
@@ -62,23 +66,27 @@ class Request:
     already compute its K/V (the worker feeds it the id straight from the device).
     """
 
+    # What the client sends the core (serial.py carries every field not marked _CORE_STATE).
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int | None = None
     cache_salt: str | None = None
-    arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
-    status: RequestStatus = RequestStatus.WAITING
-    num_computed_tokens: int = 0
-    num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 until scheduled
-    num_preemptions: int = 0
+    # The core's own state of it: not sent, the core's constructor starts each one afresh
+    # (`arrival_order` is the order requests reach the core).
+    arrival_order: int = field(default_factory=lambda: next(_arrival_counter), metadata=_CORE_STATE)
+    status: RequestStatus = field(default=RequestStatus.WAITING, metadata=_CORE_STATE)
+    num_computed_tokens: int = field(default=0, metadata=_CORE_STATE)
+    # Prompt tokens the prefix cache held when it was first scheduled (None until then).
+    num_cached_tokens: int | None = field(default=None, metadata=_CORE_STATE)
+    num_preemptions: int = field(default=0, metadata=_CORE_STATE)
     # Tokens sampled by steps still in flight (async scheduling): scheduled, ids not known yet.
-    num_output_placeholders: int = 0
-    stop_reason: int | str | None = None
-    output_token_ids: list[int] = field(default_factory=list)
-    all_token_ids: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)
+    num_output_placeholders: int = field(default=0, metadata=_CORE_STATE)
+    stop_reason: int | str | None = field(default=None, metadata=_CORE_STATE)
+    output_token_ids: list[int] = field(default_factory=list, metadata=_CORE_STATE)
+    all_token_ids: list[int] = field(default_factory=list, metadata=_CORE_STATE)
+    block_hashes: list[bytes] = field(default_factory=list, metadata=_CORE_STATE)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -24,52 +24,16 @@ from collections.abc import Iterable
 
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
-from pagedllm.engine.request import FinishReason, Request, RequestStatus
-from pagedllm.engine.scheduler_output import (
+from pagedllm.engine.outputs import (
     CachedRequestData,
+    EngineCoreOutput,
     Logprobs,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
+from pagedllm.engine.request import FinishReason, Request, RequestStatus
 from pagedllm.engine.stats import SchedulerStats
-
-
-class EngineCoreOutput:
-    """One request's news from one step: the tokens it gained (with their logprobs, if asked),
-    prompt logprobs computed this step (if asked), and whether it ended."""
-
-    __slots__ = (
-        "finish_reason",
-        "new_logprobs",
-        "new_prompt_logprobs",
-        "new_token_ids",
-        "num_cached_tokens",
-        "request_id",
-        "stop_reason",
-    )
-
-    def __init__(
-        self,
-        request_id: str,
-        new_token_ids: list[int],
-        finish_reason: FinishReason | None = None,
-        stop_reason: int | str | None = None,
-        new_logprobs: Logprobs | None = None,
-        num_cached_tokens: int = 0,
-        new_prompt_logprobs: Logprobs | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self.num_cached_tokens = num_cached_tokens
-        self.new_token_ids = new_token_ids
-        self.finish_reason = finish_reason
-        self.stop_reason = stop_reason
-        self.new_logprobs = new_logprobs
-        self.new_prompt_logprobs = new_prompt_logprobs
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 class Scheduler:
@@ -200,7 +164,7 @@ class Scheduler:
             self.kv_cache_manager.record_prefix_lookup(request, num_hit_tokens)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit_tokens
-            if request.num_cached_tokens < 0:
+            if request.num_cached_tokens is None:  # first scheduled (not resumed)
                 request.num_cached_tokens = num_hit_tokens
             bisect.insort(self.running, request, key=lambda r: r.arrival_order)
             num_scheduled[request.request_id] = num_new
@@ -264,7 +228,15 @@ class Scheduler:
             if request.request_id in culprits:
                 request.status = RequestStatus.FINISHED_ERROR
                 self._free(request)
-                outputs.append(EngineCoreOutput(request.request_id, [], FinishReason.ERROR, reason))
+                outputs.append(
+                    EngineCoreOutput(
+                        request_id=request.request_id,
+                        new_token_ids=[],
+                        finish_reason=FinishReason.ERROR,
+                        stop_reason=reason,
+                        num_cached_tokens=request.num_cached_tokens,
+                    )
+                )
             else:
                 self._preempt(request)
                 self._recovered_req_ids.add(request.request_id)
@@ -302,6 +274,7 @@ class Scheduler:
                 # NOTE: a request preempted while its token was in flight ends from the queue.
                 (self.running if request in self.running else self.waiting).remove(request)
                 self._free(request)
+            # NOTE: fields by position (once per request per step: keywords cost twice as much).
             outputs.append(
                 EngineCoreOutput(
                     req_id,
@@ -309,7 +282,7 @@ class Scheduler:
                     request.status.finish_reason,
                     request.stop_reason,
                     new_logprobs,
-                    max(request.num_cached_tokens, 0),
+                    request.num_cached_tokens,
                     new_prompt_logprobs,
                 )
             )

@@ -150,7 +150,7 @@ def _serve(ns: argparse.Namespace) -> None:
 
 
 def _download(ns: argparse.Namespace) -> None:
-    from pagedllm.models.default import fetch_default_model
+    from pagedllm.loader.default_model import fetch_default_model
 
     print(fetch_default_model())
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.core import StepHandle
+from pagedllm.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.worker.model_runner import InFlightStep
 from pagedllm.worker.worker import Worker
 
 
@@ -19,11 +21,15 @@ class UniProcExecutor:
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
-    def launch_model(self, scheduler_output: SchedulerOutput) -> Any:
+    def warm_up(self) -> None:
+        self.worker.warm_up()
+
+    def launch_model(self, scheduler_output: SchedulerOutput) -> StepHandle:
         return self.worker.launch_model(scheduler_output)
 
-    def collect_output(self, handle: Any) -> ModelRunnerOutput:
-        return self.worker.collect_output(handle)
+    def collect_output(self, handle: StepHandle) -> ModelRunnerOutput:
+        # NOTE: the handle is what `launch_model` returned: the worker's in-flight step.
+        return self.worker.collect_output(cast(InFlightStep | None, handle))
 
     def abandon_steps(self) -> None:
         self.worker.abandon_steps()

@@ -72,8 +72,15 @@ class ParallelLMHead(VocabParallelEmbedding):
     weight read of a step).
     """
 
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, use_gemv: bool | None = None
+    ) -> None:
+        """`use_gemv`: the GEMV for few rows on CUDA (None: the environment's default)."""
+        super().__init__(num_embeddings, embedding_dim)
+        self.use_gemv = use_gemv
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = apply_linear(hidden_states, self.weight)
+        logits = apply_linear(hidden_states, self.weight, use_gemv=self.use_gemv)
         if self.tp_size == 1:
             return logits
         return tensor_model_parallel_all_gather(logits, dim=-1)[..., : self.num_embeddings]

@@ -26,8 +26,18 @@ def _available() -> bool:
     )
 
 
-def enabled(x: torch.Tensor) -> bool:
-    return x.is_cuda and _available()
+def enabled(x: torch.Tensor, switch: bool | None = None) -> bool:
+    """Whether to run a fused kernel on `x`: a CUDA tensor, Triton installed, and `switch` (the
+    engine's `KernelConfig.fused_ops`, which a layer got at construction) on; None: unless
+    `PAGEDLLM_FUSED_OPS` is "0"."""
+    if not x.is_cuda:
+        return False
+    return _available() if switch is None else switch and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def kernels() -> ModuleType:
@@ -49,6 +59,7 @@ def gemv_kernels() -> ModuleType:
 
 
 def rotary_supported(head_dim: int, rotary_dim: int) -> bool:
-    """The fused rotary kernel rotates whole heads whose half is a power of two >= 16."""
-    half = rotary_dim // 2
-    return rotary_dim == head_dim and half >= 16 and half & (half - 1) == 0
+    """The fused rotary kernels (`rotary_embedding_`, `rope_norm_and_cache_`) rotate whole heads
+    of any even size (neox style: two halves, each a tile padded to a power of two and masked);
+    partial rotary (`rotary_dim < head_dim`) takes the eager path."""
+    return rotary_dim == head_dim and head_dim >= 2 and head_dim % 2 == 0

@@ -17,6 +17,11 @@ each rotary product), so bf16 results track HF's as closely as the eager ops do.
 all kept, about a fifth of its outputs differ by one step). The prologue shares the norm's and the
 rotary's jit helpers, so it rounds at the same points (tests/layers/test_prologue.py).
 
+Sizes need not be powers of two: a row's tile is the next power of two (`tl.arange` lengths
+are), its lanes past the size masked. The norm's and SiLU's columns always are; the rotary's
+tiles are half heads, masked only when the half is not a power of two (`HALF_P != HALF`), so a
+power-of-two head compiles to exactly the unmasked code (sm_90 PTX compared at 16 to 256).
+
 Imported only when used (CUDA), so CPU start-up does not import Triton; tests run the kernels on
 the CPU under Triton's interpreter (`TRITON_INTERPRET=1` set before this module is imported).
 """
@@ -80,11 +85,23 @@ def _silu_and_mul_kernel(out_ptr, x_ptr, n_cols, stride_x, stride_o, BLOCK: tl.c
 
 
 @triton.jit
+def _in_half(mask, offs, HALF: tl.constexpr, HALF_P: tl.constexpr):
+    """`mask` restricted to the lanes `offs < HALF` of a half head padded to `HALF_P` lanes.
+
+    NOTE: the rotary's tiles are half heads, `tl.arange(0, HALF_P)` with `HALF_P` the next power
+    of two; a power-of-two half is its own tile and `mask` is returned as it is (no extra
+    instructions)."""
+    if HALF_P != HALF:
+        mask = mask & (offs < HALF)
+    return mask
+
+
+@triton.jit
 def _rotate(ptr, stride_t, tok, num_heads, cos, sin, HEAD_DIM: tl.constexpr,
-            HALF: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+            HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     heads = tl.arange(0, BLOCK_H)
-    offs = tl.arange(0, HALF)
-    mask = (heads < num_heads)[:, None]
+    offs = tl.arange(0, HALF_P)
+    mask = _in_half((heads < num_heads)[:, None], offs[None, :], HALF, HALF_P)
     base = ptr + tok * stride_t + heads[:, None] * HEAD_DIM + offs[None, :]
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
@@ -105,14 +122,19 @@ def _rope(x1, x2, cos, sin):
 
 
 @triton.jit
-def _cos_sin(cos_ptr, sin_ptr, pos, dt_ptr, HALF: tl.constexpr):
-    """cos and sin of position `pos` as `[1, HALF]` rows: the fp32 cache rounds to the activation
-    dtype (`dt_ptr`'s) first, as in HF."""
-    offs = tl.arange(0, HALF)
+def _cos_sin(cos_ptr, sin_ptr, pos, dt_ptr, HALF: tl.constexpr, HALF_P: tl.constexpr):
+    """cos and sin of position `pos` as `[1, HALF_P]` rows (0 past `HALF`): the fp32 cache rounds
+    to the activation dtype (`dt_ptr`'s) first, as in HF."""
+    offs = tl.arange(0, HALF_P)
     dt = dt_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + pos * HALF + offs).to(dt).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * HALF + offs).to(dt).to(tl.float32)[None, :]
-    return cos, sin
+    if HALF_P != HALF:
+        mask = offs < HALF
+        cos = tl.load(cos_ptr + pos * HALF + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * HALF + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
+    else:
+        cos = tl.load(cos_ptr + pos * HALF + offs).to(dt).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * HALF + offs).to(dt).to(tl.float32)
+    return cos[None, :], sin[None, :]
 
 
 @triton.jit
@@ -128,29 +150,39 @@ def _rotary_kernel(
     num_k_heads,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
-    cos, sin = _cos_sin(cos_ptr, sin_ptr, pos, q_ptr, HALF)
-    _rotate(q_ptr, stride_qt, tok, num_q_heads, cos, sin, HEAD_DIM, HALF, BLOCK_HQ)
-    _rotate(k_ptr, stride_kt, tok, num_k_heads, cos, sin, HEAD_DIM, HALF, BLOCK_HK)
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, pos, q_ptr, HALF, HALF_P)
+    _rotate(q_ptr, stride_qt, tok, num_q_heads, cos, sin, HEAD_DIM, HALF, HALF_P, BLOCK_HQ)
+    _rotate(k_ptr, stride_kt, tok, num_k_heads, cos, sin, HEAD_DIM, HALF, HALF_P, BLOCK_HK)
 
 
 @triton.jit
-def _norm_rope(base, mask, cos, sin, w_ptr, eps, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Heads at `base` ([heads, HALF] pointers to first halves): optional per-head RMSNorm
-    (weight `w_ptr`), then the rotation. Returns the two halves in the activation dtype."""
+def _norm_rope(base, mask, cos, sin, w_ptr, eps, HALF: tl.constexpr, HALF_P: tl.constexpr,
+               HAS_NORM: tl.constexpr):  # fmt: skip
+    """Heads at `base` ([heads, HALF_P] pointers to first halves; `mask` off past `HALF`):
+    optional per-head RMSNorm (weight `w_ptr`), then the rotation. Returns the two halves in the
+    activation dtype."""
+    # NOTE: masked lanes load 0, so padded lanes add nothing to the sum of squares.
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
     if HAS_NORM:
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
         sum_sq = tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)
         rstd = tl.rsqrt(sum_sq / (2 * HALF) + eps)[:, None]
-        offs = tl.arange(0, HALF)
-        w1 = tl.load(w_ptr + offs).to(tl.float32)[None, :]
-        w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)[None, :]
+        offs = tl.arange(0, HALF_P)
+        if HALF_P != HALF:
+            w1 = tl.load(w_ptr + offs, mask=offs < HALF, other=0.0)
+            w2 = tl.load(w_ptr + HALF + offs, mask=offs < HALF, other=0.0)
+        else:
+            w1 = tl.load(w_ptr + offs)
+            w2 = tl.load(w_ptr + HALF + offs)
+        w1 = w1.to(tl.float32)[None, :]
+        w2 = w2.to(tl.float32)[None, :]
         x1 = _rms_scale(x1, rstd, w1).to(x1.dtype)
         x2 = _rms_scale(x2, rstd, w2).to(x2.dtype)
     return _rope(x1, x2, cos, sin)
@@ -158,26 +190,29 @@ def _norm_rope(base, mask, cos, sin, w_ptr, eps, HALF: tl.constexpr, HAS_NORM: t
 
 @triton.jit
 def _prologue_q(q_ptr, part, num_q_heads, cos, sin, w_ptr, eps, HEAD_DIM: tl.constexpr,
-                HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
+                HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                HAS_NORM: tl.constexpr):  # fmt: skip
     """q heads `part * BLOCK_HQ` on of one token (its row at `q_ptr`): normed, rotated in place."""
     heads = part * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
-    mask = (heads < num_q_heads)[:, None]
-    base = q_ptr + heads[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
-    o1, o2 = _norm_rope(base, mask, cos, sin, w_ptr, eps, HALF, HAS_NORM)
+    offs = tl.arange(0, HALF_P)
+    mask = _in_half((heads < num_q_heads)[:, None], offs[None, :], HALF, HALF_P)
+    base = q_ptr + heads[:, None] * HEAD_DIM + offs[None, :]
+    o1, o2 = _norm_rope(base, mask, cos, sin, w_ptr, eps, HALF, HALF_P, HAS_NORM)
     tl.store(base, o1, mask=mask)
     tl.store(base + HALF, o2, mask=mask)
 
 
 @triton.jit
 def _prologue_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, dst, num_kv_heads, cos, sin, w_ptr, eps,
-                 stride_ch, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 HAS_NORM: tl.constexpr):  # fmt: skip
+                 stride_ch, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+                 BLOCK_HK: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
     """One token's K heads (normed, rotated) and V heads into the cache slot at offset `dst`."""
     heads = tl.arange(0, BLOCK_HK)
-    mask = (heads < num_kv_heads)[:, None]
-    offs = heads[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
-    o1, o2 = _norm_rope(k_ptr + offs, mask, cos, sin, w_ptr, eps, HALF, HAS_NORM)
-    cache_offs = dst + heads[:, None] * stride_ch + tl.arange(0, HALF)[None, :]
+    lanes = tl.arange(0, HALF_P)
+    mask = _in_half((heads < num_kv_heads)[:, None], lanes[None, :], HALF, HALF_P)
+    offs = heads[:, None] * HEAD_DIM + lanes[None, :]
+    o1, o2 = _norm_rope(k_ptr + offs, mask, cos, sin, w_ptr, eps, HALF, HALF_P, HAS_NORM)
+    cache_offs = dst + heads[:, None] * stride_ch + lanes[None, :]
     tl.store(k_cache_ptr + cache_offs, o1.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(k_cache_ptr + cache_offs + HALF, o2.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v1 = tl.load(v_ptr + offs, mask=mask)
@@ -211,6 +246,7 @@ def _prologue_kernel(
     eps,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
@@ -225,19 +261,19 @@ def _prologue_kernel(
     tok = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
-    cos, sin = _cos_sin(cos_ptr, sin_ptr, pos, q_ptr, HALF)
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, pos, q_ptr, HALF, HALF_P)
     # NOTE: rows past num_tokens (batch padding) and slot -1 (CUDA-graph padding) are not
     # cached; rows past num_tokens have no slot_mapping entry to read.
     slot = tl.load(slot_mapping_ptr + tok, mask=(part == 0) & (tok < num_tokens), other=-1)
     slot = slot.to(tl.int64)
     if part > 0:
         _prologue_q(q_ptr + tok * stride_qt, part - 1, num_q_heads, cos, sin, q_norm_ptr,
-                    eps, HEAD_DIM, HALF, BLOCK_HQ, HAS_NORM)  # fmt: skip
+                    eps, HEAD_DIM, HALF, HALF_P, BLOCK_HQ, HAS_NORM)  # fmt: skip
     elif slot >= 0:
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
         _prologue_kv(k_ptr + tok * stride_kt, v_ptr + tok * stride_vt, k_cache_ptr, v_cache_ptr,
                      dst, num_kv_heads, cos, sin, k_norm_ptr, eps, stride_ch, HEAD_DIM, HALF,
-                     BLOCK_HK, HAS_NORM)  # fmt: skip
+                     HALF_P, BLOCK_HK, HAS_NORM)  # fmt: skip
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -301,12 +337,13 @@ def rotary_embedding_(
     if num_tokens == 0:
         return
     assert query.stride(-1) == 1 and key.stride(-1) == 1
+    assert head_dim % 2 == 0, "the neox rotation splits heads in halves"
     num_q_heads = query.shape[-1] // head_dim
     num_k_heads = key.shape[-1] // head_dim
     _rotary_kernel[(num_tokens,)](
         query, key, positions, cos_cache, sin_cache,
         query.stride(0), key.stride(0), num_q_heads, num_k_heads,
-        HEAD_DIM=head_dim, HALF=head_dim // 2,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, HALF_P=triton.next_power_of_2(head_dim // 2),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_k_heads),
     )  # fmt: skip
 
@@ -342,7 +379,7 @@ def rope_norm_and_cache_(
         if x.stride(-1) != 1 or x.shape[-1] % head_dim:
             raise ValueError(f"{name} must be [T, heads * {head_dim}] with contiguous rows")
     assert key.shape[-1] == value.shape[-1] == num_kv_heads * head_dim
-    assert head_dim >= 2 and (head_dim // 2) & (head_dim // 2 - 1) == 0, "half a head: 2^n"
+    assert head_dim % 2 == 0, "the neox rotation splits heads in halves"
     assert num_tokens <= min(total, slot_mapping.shape[0])
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     assert key_cache.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
@@ -358,6 +395,7 @@ def rope_norm_and_cache_(
         num_tokens, num_q_heads, num_kv_heads,
         query.stride(0), key.stride(0), value.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), eps,
-        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, HALF_P=triton.next_power_of_2(head_dim // 2),
+        BLOCK_SIZE=block_size,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, HAS_NORM=has_norm,
     )  # fmt: skip

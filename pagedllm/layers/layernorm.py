@@ -17,10 +17,12 @@ from pagedllm.layers import fused
 class RMSNorm(nn.Module):
     """`x / rms(x) * weight` over the last dimension."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, use_fused: bool | None = None) -> None:
+        """`use_fused`: the fused kernels on CUDA (None: `fused.enabled`'s default)."""
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        self.use_fused = use_fused
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`norm(x)`; with `residual`, `(norm(x + residual), x + residual)`."""
-        if fused.enabled(x):
+        if fused.enabled(x, self.use_fused):
             if residual is None:
                 return fused.kernels().rms_norm(x, self.weight, self.eps)
             return fused.kernels().fused_add_rms_norm(x, residual, self.weight, self.eps)

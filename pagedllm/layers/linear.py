@@ -3,23 +3,24 @@
 Each parameter carries `weight_loader(param, loaded_weight, shard_id=None)`, which takes the full
 checkpoint tensor and copies this rank's slice into the parameter (for fused layers, `shard_id`
 names the part of the fused output the tensor fills). At tensor-parallel size 1 every layer is a
-plain linear; weights are `[output, input]` as in `nn.Linear`.
+plain linear.
 
-Every matmul goes through `apply_linear`: `F.linear` (cuBLAS), except for inputs of a few rows on
-CUDA (decode steps) where the Triton GEMV of `gemv_kernels` was measured faster: at batch 1 the
-step is bound by reading the weights, and the GEMV streams them faster than cuBLAS does. `RowParallelLinear.forward_silu_mul` also folds the MLP's
-SiLU-and-mul into the down projection's GEMV.
+A layer's weights and its product belong to its `quant_method` (`pagedllm.layers.quantization`),
+which the layer's `quant_config` picks from the layer's dotted name (`prefix`); without a config
+(or when it returns None) the method is `UnquantizedLinearMethod`: a `[output, input]` weight as
+in `nn.Linear`, `F.linear`, or the Triton GEMV for a few rows on CUDA, and the MLP's SiLU-and-mul
+folded into the down projection's GEMV (`RowParallelLinear.forward_silu_mul`). The layer creates
+its bias itself (in the model dtype, split as the output). Callers read a layer's sizes from its
+attributes (`input_size_per_partition`, `output_size_per_partition`, `params_dtype`), never from
+`weight.shape`: a quantized weight need not be `[output, input]` in the model dtype.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pagedllm.distributed import (
     get_tp_rank,
@@ -27,41 +28,25 @@ from pagedllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from pagedllm.layers import fused
-from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
+from pagedllm.layers.quantization.unquantized import (
+    GEMV_MAX_M,
+    UnquantizedLinearMethod,
+    apply_linear,
+)
 
-# The most rows that may take the GEMV. Measured on the H200 (`python -m pagedllm.benchmarks.gemv`):
-# one row always gains; 2-4 rows only for the shapes `gemv_kernels.wins` lists; 8 and more never.
-GEMV_MAX_M = 4
-
-_silu_and_mul = SiluAndMul()
-
-
-def _gemv_kernels(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False
-) -> ModuleType | None:
-    """The GEMV module when it should compute this product, else None (cuBLAS)."""
-    if not (fused.enabled(x) and fused.gemv_enabled() and x.dim() > 0):
-        return None
-    m = math.prod(x.shape[:-1])
-    if m > GEMV_MAX_M:
-        return None
-    kernels = fused.gemv_kernels()
-    n, k = weight.shape
-    act = "silu_mul" if silu_mul else ""
-    if kernels.supports(x, weight, bias, silu_mul=silu_mul) and kernels.wins(m, n, k, act):
-        return kernels
-    return None
-
-
-def apply_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through the GEMV for a few rows on CUDA (see above)."""
-    kernels = _gemv_kernels(x, weight, bias)
-    if kernels is not None:
-        return kernels.gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+__all__ = [
+    "GEMV_MAX_M",
+    "ColumnParallelLinear",
+    "LinearBase",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "ReplicatedLinear",
+    "RowParallelLinear",
+    "apply_linear",
+    "default_weight_loader",
+    "divide",
+]
 
 
 def default_weight_loader(
@@ -84,24 +69,62 @@ def divide(numerator: int, denominator: int) -> int:
     return numerator // denominator
 
 
-def _new_param(*shape: int) -> nn.Parameter:
-    # NOTE: inference only: parameters never need gradients, so loaders can copy into them.
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
 class LinearBase(nn.Module):
-    """A `[output_size, input_size]` weight (this rank's part) and an optional bias."""
+    """This rank's part of a `input_size -> output_size` linear, computed by `quant_method`.
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, bias_size: int) -> None:
+    Sizes: `input_size`/`output_size` are the whole layer's; `input_size_per_partition` and
+    `output_size_per_partition` (the sum of `output_partition_sizes`, one entry per fused part)
+    are this rank's: `forward` maps `[..., input_size_per_partition]` to
+    `[..., output_size_per_partition]` (before any gather). `params_dtype` is the dtype of the
+    activations and of the bias (the default dtype when the layer was built).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        *,
+        input_size_per_partition: int | None = None,
+        output_partition_sizes: Sequence[int] | None = None,
+        params_dtype: torch.dtype | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
+        self.input_size_per_partition = (
+            input_size if input_size_per_partition is None else input_size_per_partition
+        )
+        self.output_partition_sizes = list(output_partition_sizes or [output_size])
+        self.output_size_per_partition = sum(self.output_partition_sizes)
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.prefix = prefix
         self.tp_size = get_tp_size()
         self.tp_rank = get_tp_rank()
-        self.weight = _new_param(output_size, input_size)
-        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        # NOTE: the config sees the layer with its sizes set but no parameters yet.
+        method = None if quant_config is None else quant_config.get_quant_method(self, prefix)
+        self.quant_method: LinearMethodBase = (
+            method if method is not None else UnquantizedLinearMethod()
+        )
+        # NOTE: the weight is registered before the bias: the dummy loader fills parameters in
+        # registration order from one generator.
+        self.quant_method.create_weights(
+            self,
+            self.input_size_per_partition,
+            self.output_partition_sizes,
+            input_size,
+            output_size,
+            self.params_dtype,
+            weight_loader=self.weight_loader,
+        )
         if bias:
-            self.bias: nn.Parameter | None = _new_param(bias_size)
+            # NOTE: inference only: no gradients, so loaders can copy into the parameter.
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.empty(self.output_size_per_partition, dtype=self.params_dtype),
+                requires_grad=False,
+            )
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
@@ -112,20 +135,37 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}, "
-            f"tp={self.tp_size}"
+            f"in={self.input_size_per_partition}, out={self.output_size_per_partition}, "
+            f"bias={self.bias is not None}, tp={self.tp_size}, "
+            f"quant={type(self.quant_method).__name__}"
         )
 
 
 class ReplicatedLinear(LinearBase):
     """The same full weight on every rank."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, output_size, bias, output_size)
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        *,
+        params_dtype: torch.dtype | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__(
+            input_size,
+            output_size,
+            bias,
+            params_dtype=params_dtype,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
 
 
 class ColumnParallelLinear(LinearBase):
@@ -135,10 +175,30 @@ class ColumnParallelLinear(LinearBase):
     """
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        gather_output: bool = False,
+        *,
+        params_dtype: torch.dtype | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
-        per_rank = divide(output_size, get_tp_size())
-        super().__init__(input_size, per_rank, bias, per_rank)
+        tp_size = get_tp_size()
+        divide(output_size, tp_size)
+        # NOTE: fused subclasses set `output_sizes` (each part's whole size) before this runs;
+        # every part is split over the ranks, in order.
+        parts = getattr(self, "output_sizes", None) or [output_size]
+        super().__init__(
+            input_size,
+            output_size,
+            bias,
+            output_partition_sizes=[divide(size, tp_size) for size in parts],
+            params_dtype=params_dtype,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
         self.gather_output = gather_output
 
     def weight_loader(
@@ -150,7 +210,7 @@ class ColumnParallelLinear(LinearBase):
         _copy_rows(param, 0, loaded_weight, self.tp_rank * size, size, size * self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = apply_linear(x, self.weight, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
         return tensor_model_parallel_all_gather(y) if self.gather_output else y
 
 
@@ -166,12 +226,24 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         output_sizes: Sequence[int],
         bias: bool = False,
         gather_output: bool = False,
+        *,
+        params_dtype: torch.dtype | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         self.output_sizes = list(output_sizes)
         tp_size = get_tp_size()
         for size in self.output_sizes:
             divide(size, tp_size)
-        super().__init__(input_size, sum(self.output_sizes), bias, gather_output)
+        super().__init__(
+            input_size,
+            sum(self.output_sizes),
+            bias,
+            gather_output,
+            params_dtype=params_dtype,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None
@@ -192,7 +264,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     Each rank holds `total_num_heads / tp` query heads and `total_num_kv_heads / tp` KV heads;
     when tp exceeds the KV heads, each KV head is replicated on `tp / total_num_kv_heads` ranks.
-    `shard_id` is "q", "k" or "v".
+    `shard_id` is "q", "k" or "v". `output_size` counts replicated KV heads once per replica
+    (`output_size_per_partition * tp`), as vLLM's.
     """
 
     def __init__(
@@ -202,6 +275,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_heads: int,
         total_num_kv_heads: int | None = None,
         bias: bool = False,
+        *,
+        params_dtype: torch.dtype | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         tp_size = get_tp_size()
         total_num_kv_heads = total_num_kv_heads or total_num_heads
@@ -218,7 +295,16 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
-        super().__init__(hidden_size, output_size, bias, gather_output=False)
+        self.output_sizes = [self.q_size * tp_size, self.kv_size * tp_size, self.kv_size * tp_size]
+        super().__init__(
+            hidden_size,
+            output_size,
+            bias,
+            gather_output=False,
+            params_dtype=params_dtype,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None
@@ -250,9 +336,25 @@ class RowParallelLinear(LinearBase):
     """
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        reduce_results: bool = True,
+        *,
+        params_dtype: torch.dtype | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
-        super().__init__(divide(input_size, get_tp_size()), output_size, bias, output_size)
+        super().__init__(
+            input_size,
+            output_size,
+            bias,
+            input_size_per_partition=divide(input_size, get_tp_size()),
+            params_dtype=params_dtype,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
         self.reduce_results = reduce_results
 
     def weight_loader(
@@ -273,18 +375,16 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        y = apply_linear(x, self.weight, bias)
+        y = self.quant_method.apply(self, x, bias)
         return tensor_model_parallel_all_reduce(y) if self.reduce_results else y
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """`self(silu_and_mul(gate_up))` for `gate_up [..., 2 * input_size]` (gate, then up):
-        one GEMV launch when the GEMV applies, else the activation then the linear."""
+        """`self(silu_and_mul(gate_up))` for `gate_up [..., 2 * input_size_per_partition]` (gate,
+        then up), through `quant_method.apply_silu_mul`: one GEMV launch when the fused GEMV
+        applies (unquantized), else the activation then the product."""
         bias = self.bias if self.tp_rank == 0 else None
-        kernels = _gemv_kernels(gate_up, self.weight, bias, silu_mul=True)
-        if kernels is not None:
-            y = kernels.gemv_silu_mul(gate_up, self.weight, bias)
-            return tensor_model_parallel_all_reduce(y) if self.reduce_results else y
-        return self(_silu_and_mul(gate_up))
+        y = self.quant_method.apply_silu_mul(self, gate_up, bias)
+        return tensor_model_parallel_all_reduce(y) if self.reduce_results else y
 
 
 def _copy_rows(

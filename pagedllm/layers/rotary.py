@@ -81,14 +81,20 @@ class RotaryEmbedding(nn.Module):
     `rotary_dim` dimensions of each head rotate, the rest pass through.
     """
 
+    cos_cache: torch.Tensor  # [max_position, rotary_dim / 2] float32 (registered buffers)
+    sin_cache: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,
         max_position: int,
         rope_parameters: dict[str, Any],
         rotary_dim: int | None = None,
+        use_fused: bool | None = None,
     ) -> None:
+        """`use_fused`: the fused rotary kernel on CUDA (None: `fused.enabled`'s default)."""
         super().__init__()
+        self.use_fused = use_fused
         factor = rope_parameters.get("partial_rotary_factor", 1.0)
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or int(head_dim * factor)
@@ -106,7 +112,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated (q, k). With the fused kernel (2-D inputs), they are rotated in place."""
-        if self.fused_ok and query.dim() == 2 and fused.enabled(query):
+        if self.fused_ok and query.dim() == 2 and fused.enabled(query, self.use_fused):
             fused.kernels().rotary_embedding_(
                 positions, query, key, self.cos_cache, self.sin_cache, self.head_dim
             )
@@ -131,6 +137,11 @@ class RotaryEmbedding(nn.Module):
         )
 
 
-def get_rope(head_dim: int, max_position: int, rope_parameters: dict[str, Any]) -> RotaryEmbedding:
+def get_rope(
+    head_dim: int,
+    max_position: int,
+    rope_parameters: dict[str, Any],
+    use_fused: bool | None = None,
+) -> RotaryEmbedding:
     """A `RotaryEmbedding` for a head size, position limit and `get_rope_parameters` dict."""
-    return RotaryEmbedding(head_dim, max_position, rope_parameters)
+    return RotaryEmbedding(head_dim, max_position, rope_parameters, use_fused=use_fused)

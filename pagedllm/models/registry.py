@@ -1,9 +1,11 @@
 """Architecture name (HF `config.architectures`) → model class, imported lazily.
 
 A new architecture is one model file plus one line in `_MODELS` (or a `register_model` call).
-Every model class has the runner's interface: `Model(hf_config, attn_impl_cls)`,
+Every model class has the runner's interface: `Model(ctx)` (a `models.utils.ModelContext`: the
+HF config, the attention backend, prefixes, the quantization, parallel and kernel configs),
 `forward(input_ids [T], positions [T]) -> hidden [T, H]`, `compute_logits(hidden) -> logits`,
-and `load_weights(Iterable[(hf_name, tensor)]) -> set[str]`.
+and `load_weights(Iterable[(hf_name, tensor)]) -> set[str]`. A model calls
+`Attention(...)(q, k, v, positions)` and never touches the KV cache.
 """
 
 from __future__ import annotations

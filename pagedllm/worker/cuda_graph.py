@@ -5,16 +5,14 @@ replaying a captured graph removes their launch cost. One graph is captured per 
 `capture_sizes` (1, 2, 4, 8, then multiples of 16); a step of `B` requests replays the smallest
 graph of `G >= B` rows, with rows `B..G` as padding. Larger or mixed (prompt) steps run eagerly.
 
-The graphs read their inputs from static device buffers owned here; the runner copies a step's
-inputs into them before `replay`. Padding rows are inert: slot -1 (the K/V write skips it), an
-empty query range (`query_start_loc` stays at `B`), context length 0 and the last places of the
-decode order, so the attention kernel reads nothing for them. Their hidden rows hold garbage,
-which nothing reads.
+The graphs read the token ids and positions from static device buffers owned here, and the
+attention metadata from the static buffers of the attention backend's builder
+(`AttentionMetadataBuilder.init_graph_buffers`); the runner copies a step's inputs into both
+before `replay`. Padding rows are inert for attention (the builder's concern); their hidden rows
+hold garbage, which nothing reads.
 
-NOTE: the attention metadata's host ints are frozen at capture: `max_seq_len` is the model's
-`max_model_len`, so the Triton backend's KV-split count is the one for the longest context (the
-kernel sizes each split from the request's true length). Only backends that launch without reading
-metadata tensors on the host can be captured (`AttentionImpl.cuda_graph_safe`).
+NOTE: only backends that launch without reading metadata tensors on the host can be captured
+(`AttentionImpl.cuda_graph_safe`).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import time
 
 import torch
 
-from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.backend import AttentionMetadataBuilder
 from pagedllm.forward_context import set_forward_context
 from pagedllm.models.interface import CausalLM
 from pagedllm.worker.buckets import row_buckets
@@ -47,25 +45,19 @@ class CudaGraphRunner:
         self,
         model: CausalLM,
         sizes: list[int],
+        attn_builder: AttentionMetadataBuilder,
         max_blocks_per_req: int,
-        max_model_len: int,
         device: torch.device,
     ) -> None:
         self.model = model
         self.sizes = sorted(sizes)
-        self.max_model_len = max_model_len
+        self.attn_builder = attn_builder
         n = self.sizes[-1]
-        i64, i32 = torch.int64, torch.int32
-        self.input_ids = torch.zeros(n, dtype=i64, device=device)
-        self.positions = torch.zeros(n, dtype=i64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
-        self.seq_lens = torch.zeros(n, dtype=i32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
-        self.decode_order = torch.arange(n, dtype=i32, device=device)
-        self.block_table = torch.zeros(n, max_blocks_per_req, dtype=i32, device=device)
+        attn_builder.init_graph_buffers(n, max_blocks_per_req)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
-        self._metadata: dict[int, AttentionMetadata] = {}
         self.num_replays = 0
 
     @property
@@ -77,37 +69,13 @@ class CudaGraphRunner:
         i = bisect.bisect_left(self.sizes, num_reqs)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def metadata(self, size: int) -> AttentionMetadata:
-        """The attention metadata the graph of `size` rows was captured with (static buffers)."""
-        if size not in self._metadata:
-            self._metadata[size] = self._make_metadata(size)
-        return self._metadata[size]
-
-    def _make_metadata(self, size: int) -> AttentionMetadata:
-        qsl = self.query_start_loc[: size + 1]
-        seq_lens = self.seq_lens[:size]
-        return AttentionMetadata(
-            num_reqs=size,
-            num_actual_tokens=size,
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-            query_start_loc=qsl,
-            seq_lens=seq_lens,
-            block_table=self.block_table[:size],
-            slot_mapping=self.slot_mapping[:size],
-            # NOTE: graph-safe backends never read the host copies; these only fill the fields.
-            query_start_loc_cpu=torch.arange(size + 1, dtype=torch.int32),
-            seq_lens_cpu=torch.zeros(size, dtype=torch.int32),
-            decode_order=self.decode_order[:size],
-        )
-
     @torch.inference_mode()
     def capture(self) -> None:
         """Captures every size, largest first, sharing one memory pool."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            md = self.metadata(size)
+            md = self.attn_builder.graph_metadata(size)
             ids, pos = self.input_ids[:size], self.positions[:size]
             with set_forward_context(md):
                 self.model(ids, pos)  # warm-up: Triton compiles, cuBLAS picks its kernels

@@ -20,12 +20,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    StepAttentionInputs,
+    pad_1d,
+)
 from pagedllm.attention.layer import Attention
-from pagedllm.attention.utils import build_metadata, decode_order
+from pagedllm.attention.utils import build_step_inputs
 from pagedllm.config import EngineConfig
 from pagedllm.engine.exceptions import RequestPreparationError
-from pagedllm.engine.scheduler_output import Logprobs, ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.outputs import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.linear import LinearBase
 from pagedllm.models.interface import CausalLM
@@ -33,7 +38,7 @@ from pagedllm.utils import cdiv
 from pagedllm.worker.buckets import padded_rows, row_buckets
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.input_batch import InputBatch
-from pagedllm.worker.sampler import Sampler, compute_logprobs
+from pagedllm.worker.sample import HostLogprobs, Sampler, compute_prompt_logprobs
 from pagedllm.worker.staging import HostStager, PendingHost
 
 logger = logging.getLogger(__name__)
@@ -81,26 +86,30 @@ class InFlightStep:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: CausalLM, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: CausalLM,
+        device: torch.device,
+        attn_backend: type[AttentionBackend],
+    ) -> None:
         self.config = config
         self.model = model
         self.device = device
         self.block_size = config.cache_config.block_size
         max_model_len = config.model_config.max_model_len
+        # NOTE: the backend's builder owns the metadata layout and the CUDA graphs' buffers.
+        self.attn_builder = attn_backend.get_builder_cls()(device, max_model_len)
         self.input_batch = InputBatch(
             max_num_reqs=config.scheduler_config.max_num_seqs,
             max_model_len=max_model_len,
             max_blocks_per_req=cdiv(max_model_len, self.block_size),
             eos_token_ids=config.model_config.eos_token_ids,
         )
-        self.sampler = Sampler()
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(config.model_config.seed)
-        # The kernel path's unseeded noise: one key per step, drawn on the host (no device sync).
-        self.sample_rng = np.random.default_rng(config.model_config.seed)
-        # NOTE: a seeded request's generator outlives its preemptions, so its samples do not
-        # depend on what happened to the batch around it.
-        self.seeded_generators: dict[str, torch.Generator] = {}
+        # NOTE: the sampler's `rng` is the one owner of sampling's randomness (the engine seed,
+        # the kernel path's step keys, the seeded requests' generators, which outlive their
+        # preemptions) and chooses the path once: the kernel on CUDA, the torch ops elsewhere.
+        self.sampler = Sampler(seed=config.model_config.seed, device=device)
         self.kv_caches: list[torch.Tensor] = []
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.stager = HostStager(device)
@@ -124,13 +133,14 @@ class ModelRunner:
         chunk = min(256, max_len)
         for query_lens, seq_lens in (([chunk, 1], [chunk, 2]), ([1], [max_len])):
             tables = [[0] * cdiv(n, self.block_size) for n in seq_lens]
-            md = build_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
+            inputs = build_step_inputs(query_lens, seq_lens, tables, self.block_size)
+            md = self.attn_builder.build(inputs, self.stager.to_device)
             n = md.num_actual_tokens
             ids = torch.zeros(n, dtype=torch.int64, device=self.device)
             with set_forward_context(md):
                 hidden = self.model(ids, torch.zeros_like(ids))
             logits = self.model.compute_logits(hidden[-1:])
-        from pagedllm.worker import sample_kernels
+        from pagedllm.worker.sample import kernels as sample_kernels
 
         sample_kernels.warm_up(logits)
         self._warm_up_gemms(hidden)
@@ -142,16 +152,18 @@ class ModelRunner:
         host until the GPU is idle). Decode steps' layers are warmed by the graph capture."""
         sc = self.config.scheduler_config
         layers: dict[tuple[object, ...], LinearBase] = {}
-        for module in self.model.modules():
-            if isinstance(module, LinearBase):
-                w = module.weight
-                layers.setdefault((type(module), *w.shape, w.dtype, module.bias is None), module)
+        for m in self.model.modules():
+            if isinstance(m, LinearBase):
+                # NOTE: by the layer's sizes, not its weight's: a quantized weight's shape and
+                # dtype are its method's business.
+                key = (type(m), m.input_size_per_partition, m.output_size_per_partition)
+                layers.setdefault((*key, m.params_dtype, m.bias is None, type(m.quant_method)), m)
         max_rows = sc.max_num_batched_tokens
         inputs: dict[int, torch.Tensor] = {}
         for layer in layers.values():
-            in_features = layer.weight.shape[1]
+            in_features = layer.input_size_per_partition
             if in_features not in inputs:
-                inputs[in_features] = layer.weight.new_zeros(max_rows, in_features)
+                inputs[in_features] = hidden.new_zeros(max_rows, in_features)
             for rows in row_buckets(max_rows):
                 layer(inputs[in_features][:rows])
         del inputs
@@ -179,56 +191,38 @@ class ModelRunner:
         self.cuda_graphs = CudaGraphRunner(
             self.model,
             capture_sizes(sc.max_num_seqs),
+            self.attn_builder,
             self.input_batch.block_table.shape[1],
-            self.config.model_config.max_model_len,
             self.device,
         )
         self.cuda_graphs.capture()
 
-    def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
-        assert len(kv_caches) == len(self.attention_layers)
-        self.kv_caches = kv_caches
-        for layer, cache in zip(self.attention_layers, kv_caches):
-            layer.kv_cache = cache
-
     # ----- state updates -----
 
     def _update_states(self, out: SchedulerOutput) -> None:
-        batch = self.input_batch
+        batch, rng = self.input_batch, self.sampler.rng
         for req_id in out.finished_req_ids:
             batch.remove_request(req_id)
-            self.seeded_generators.pop(req_id, None)
+            rng.finish_request(req_id)
         for req_id in out.preempted_req_ids:
-            batch.remove_request(req_id)
+            batch.remove_request(req_id)  # NOTE: its RNG state stays, for when it resumes
         for new in out.scheduled_new_reqs:
             try:
+                rng.add_request(new.req_id, new.sampling_params.seed)
                 batch.add_request(
                     new.req_id,
                     new.prompt_token_ids,
                     new.output_token_ids,
                     new.block_ids,
                     new.sampling_params,
-                    self._seeded_generator(new.req_id, new.sampling_params.seed),
                 )
             except Exception as e:
                 # NOTE: its row is undone; the engine fails this request alone.
                 batch.remove_request(new.req_id)
-                self.seeded_generators.pop(new.req_id, None)
+                rng.finish_request(new.req_id)
                 raise RequestPreparationError(new.req_id, e) from e
         for cached in out.scheduled_cached_reqs:
             batch.append_block_ids(batch.req_to_row[cached.req_id], cached.new_block_ids)
-
-    def _seeded_generator(self, req_id: str, seed: int | None) -> torch.Generator | None:
-        """A seeded request's torch generator, for the torch sampler only (the kernel keys its
-        noise by seed and position)."""
-        if seed is None or self.sampler.uses_kernel(self.device):
-            return None
-        gen = self.seeded_generators.get(req_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed)
-            self.seeded_generators[req_id] = gen
-        return gen
 
     # ----- inputs -----
 
@@ -253,9 +247,13 @@ class ModelRunner:
         block_table = batch.block_table[rows, :max_blocks]
         query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
         query_start_loc[1:] = cu
-        seq_lens32 = seq_lens.astype(np.int32)
-        # NOTE: only the GPU's attention backend schedules by it; the CPU's ignores it.
-        order = decode_order(seq_lens32) if self.device.type == "cuda" else None
+        attn_inputs = StepAttentionInputs(
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens.astype(np.int32),
+            block_table=block_table,
+            slot_mapping=slot_mapping,
+            max_query_len=int(query_lens.max()),
+        )
 
         sample_mask = seq_lens == batch.num_tokens[rows]
         logits_indices = (cu - 1)[sample_mask]
@@ -265,40 +263,21 @@ class ModelRunner:
         if self.cuda_graphs is not None and num_tokens == num_reqs:
             graph_size = self.cuda_graphs.padded_size(num_reqs)
         if graph_size is None:
-            metadata = AttentionMetadata(
-                num_reqs=num_reqs,
-                num_actual_tokens=num_tokens,
-                max_query_len=int(query_lens.max()),
-                max_seq_len=int(seq_lens.max()),
-                query_start_loc=st.to_device(query_start_loc),
-                seq_lens=st.to_device(seq_lens32),
-                block_table=st.to_device(block_table),
-                slot_mapping=st.to_device(slot_mapping),
-                query_start_loc_cpu=torch.from_numpy(query_start_loc),
-                seq_lens_cpu=torch.from_numpy(seq_lens32),
-                decode_order=None if order is None else st.to_device(order),
-            )
+            metadata = self.attn_builder.build(attn_inputs, st.to_device)
             # NOTE: padding rows (token 0 at position 0) are neither cached nor attended (past
             # num_actual_tokens) nor sampled.
             sc = self.config.scheduler_config
             padded = self._padded_rows(num_tokens, sc.max_num_batched_tokens)
             if padded > num_tokens:
-                input_ids, positions = _pad(input_ids, padded, 0), _pad(positions, padded, 0)
+                input_ids, positions = pad_1d(input_ids, padded, 0), pad_1d(positions, padded, 0)
             ids_t, positions_t = st.to_device(input_ids), st.to_device(positions)
         else:
             # A decode step replayed from a graph: inputs go to its static buffers, padded.
             g, size = self.cuda_graphs, graph_size
             assert g is not None
-            st.copy_into(_pad(input_ids, size, 0), g.input_ids[:size])
-            st.copy_into(_pad(positions, size, 0), g.positions[:size])
-            st.copy_into(_pad(slot_mapping, size, -1), g.slot_mapping[:size])
-            st.copy_into(_pad(seq_lens32, size, 0), g.seq_lens[:size])
-            st.copy_into(_pad(query_start_loc, size + 1, num_reqs), g.query_start_loc[: size + 1])
-            if order is not None:
-                padded_order = np.concatenate([order, np.arange(num_reqs, size, dtype=np.int32)])
-                st.copy_into(padded_order, g.decode_order[:size])
-            g.block_table[:num_reqs, :max_blocks].copy_(st.to_device(block_table))
-            metadata = g.metadata(size)
+            st.copy_into(pad_1d(input_ids, size, 0), g.input_ids[:size])
+            st.copy_into(pad_1d(positions, size, 0), g.positions[:size])
+            metadata = self.attn_builder.fill_graph(attn_inputs, size, st.copy_into, st.to_device)
             ids_t, positions_t = g.input_ids[:size], g.positions[:size]
         if pending is not None:
             flat, src, sampled = pending
@@ -421,22 +400,14 @@ class ModelRunner:
             sampling_hidden = hidden[indices]
         logits = self.model.compute_logits(sampling_hidden)[:num_rows]
         md = self.input_batch.make_sampling_metadata(
-            inputs.sample_rows,
-            self.stager,
-            self.generator,
-            step_key=(
-                int(self.sample_rng.integers(1 << 63))
-                if self.sampler.uses_kernel(self.device)
-                else None
-            ),
+            inputs.sample_rows, self.stager, self.sampler.rng
         )
-        sampled = self.sampler(logits[:num_sampled], md)
+        sampled = self.sampler.sample(logits[:num_sampled], md)
         prompt_lp = None
         if plan is not None:
-            raw = logits[num_sampled:].float().log_softmax(dim=-1)
             targets = self.stager.to_device(plan.targets)
             n = int(self.input_batch.num_prompt_logprobs[plan.batch_rows].max())
-            prompt_lp = compute_logprobs(raw, targets, n)
+            prompt_lp = compute_prompt_logprobs(logits[num_sampled:], targets, n)
         tensors = [sampled.token_ids]
         for lp in (sampled.logprobs, prompt_lp):
             if lp is not None:
@@ -506,29 +477,3 @@ class ModelRunner:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
-
-
-@dataclass
-class HostLogprobs:
-    """`LogprobsTensors` brought to the host."""
-
-    token_ids: np.ndarray
-    logprobs: np.ndarray
-    ranks: np.ndarray
-
-    def rows(self, begin: int, end: int, num_logprobs: int, start: int = 0) -> Logprobs:
-        """Rows [begin, end) with the chosen token and the top-`num_logprobs`."""
-        width = 1 + num_logprobs
-        return Logprobs(
-            token_ids=self.token_ids[begin:end, :width].tolist(),
-            logprobs=self.logprobs[begin:end, :width].tolist(),
-            ranks=self.ranks[begin:end].tolist(),
-            start=start,
-        )
-
-
-def _pad(a: np.ndarray, size: int, value: int) -> np.ndarray:
-    """`a` extended to `size` entries with `value`."""
-    out = np.full(size, value, dtype=a.dtype)
-    out[: a.size] = a
-    return out

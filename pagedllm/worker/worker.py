@@ -1,4 +1,6 @@
-"""Worker: owns one device. Loads the model, sizes and allocates the paged KV cache, runs steps."""
+"""Worker: owns one device. Loads the model, sizes and allocates the paged KV cache from its
+attention layers' `KVCacheSpec`s (each layer's tensor shaped by its backend), warms the model
+up, runs steps."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import math
 import numpy as np
 import torch
 
-from pagedllm.attention.backend import get_attention_impl_cls, kv_cache_shape
+from pagedllm.attention.backend import get_attention_backend
+from pagedllm.attention.layer import Attention
 from pagedllm.config import EngineConfig
-from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.kv_cache_spec import KVCacheSpec, block_bytes
+from pagedllm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from pagedllm.utils import cdiv
 from pagedllm.worker.model_runner import InFlightStep, ModelRunner
 
@@ -29,14 +33,34 @@ class Worker:
         self.device = torch.device(config.device_config.device)
         mc = config.model_config
         torch.manual_seed(mc.seed)
-        self.attn_impl_cls = get_attention_impl_cls(config.attention_backend, self.device.type)
-        self.model = load_model(mc, str(self.device), self.attn_impl_cls)
-        self.model_runner = ModelRunner(config, self.model, self.device)
+        self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
+        self.model = load_model(
+            mc,
+            str(self.device),
+            self.attn_backend,
+            config.kernel_config,
+            config.parallel_config,
+        )
+        self.model_runner = ModelRunner(config, self.model, self.device, self.attn_backend)
+        self.attention_layers = {
+            name: module for name, module in self.model.named_modules()
+            if isinstance(module, Attention)
+        }  # fmt: skip
         self.num_blocks = 0
 
     @property
+    def kv_cache_specs(self) -> dict[str, KVCacheSpec]:
+        """What each attention layer keeps per block, by module name."""
+        cc, mc = self.config.cache_config, self.config.model_config
+        return {
+            name: layer.kv_cache_spec(cc.block_size, mc.dtype)
+            for name, layer in self.attention_layers.items()
+        }
+
+    @property
     def block_bytes(self) -> int:
-        return self.config.cache_config.block_size * self.config.model_config.kv_bytes_per_token()
+        """What one block id costs, over every layer."""
+        return block_bytes(self.kv_cache_specs)
 
     def determine_num_blocks(self) -> int:
         """KV blocks that fit the memory budget; fails if one max_model_len request cannot fit."""
@@ -89,12 +113,13 @@ class Worker:
         return num_blocks
 
     def initialize_cache(self, num_blocks: int) -> None:
-        mc, cc = self.config.model_config, self.config.cache_config
-        shape = kv_cache_shape(num_blocks, cc.block_size, mc.num_kv_heads, mc.head_dim)
-        dtype = TORCH_DTYPES[mc.dtype]
-        # NOTE: zeroed, so padding slots a kernel may touch never hold NaNs.
-        caches = [_zeros(shape, dtype, self.device) for _ in range(mc.num_layers)]
-        self.model_runner.bind_kv_caches(caches)
+        """Allocates each attention layer's cache tensor (its backend's shape for its spec)."""
+        cc = self.config.cache_config
+        for name, spec in self.kv_cache_specs.items():
+            layer = self.attention_layers[name]
+            shape = layer.backend.kv_cache_shape(num_blocks, spec)
+            # NOTE: zeroed, so padding slots a kernel may touch never hold NaNs.
+            layer.kv_cache = _zeros(shape, TORCH_DTYPES[spec.dtype], self.device)
         self.num_blocks = num_blocks
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
@@ -103,6 +128,9 @@ class Worker:
             num_blocks * cc.block_size,
             num_blocks * self.block_bytes / 2**30,
         )
+
+    def warm_up(self) -> None:
+        """Compiles the kernels and captures the CUDA graphs (after the cache is bound)."""
         self.model_runner.warm_up()
         self.model_runner.capture_cuda_graphs()
 

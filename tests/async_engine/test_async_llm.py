@@ -8,6 +8,8 @@ leaves it idle. The tests that kill or break an engine build their own.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import os
 import random
 import signal
@@ -426,3 +428,24 @@ def test_async_scheduling_in_the_core_process(tiny_model_dirs, llm, loop) -> Non
     finally:
         engine.shutdown()
         loop.run_until_complete(asyncio.sleep(0))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_callers_sampling_params_are_left_unchanged(engine, llm, loop, n) -> None:
+    """The engine keeps its own copy of each request's params (the bad words' token ids, the
+    n children's seeds, the output kind go there): the object the caller passed is never
+    written to, by `LLM.generate`, `LLMEngine.add_request` or `AsyncLLM.generate`."""
+    params = SamplingParams(
+        temperature=0.8, seed=3, n=n, max_tokens=4, bad_words=["ab"], stop=["zz"], logprobs=1
+    )
+    params.prompt_logprobs = 1
+    before = copy.deepcopy(params)
+    llm.generate([[5, 6, 7], "hello"], params, use_tqdm=False)
+    llm.llm_engine.add_request(f"keep-{n}", [5, 6], params)
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+    outs = loop.run_until_complete(collect(engine, "hello", params, f"keep-async-{n}"))
+    assert len(outs[-1].outputs) == n
+    assert dataclasses.asdict(params) == dataclasses.asdict(before)
+    assert params.bad_words_token_ids == []
+    wait_idle(engine, loop)

@@ -86,7 +86,10 @@ def test_a_request_the_core_refuses_fails_alone(engine, loop) -> None:
         other = asyncio.ensure_future(collect(engine, [8, 9], GOOD, "bystander"))
         gen = engine.generate([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), "victim")
         await gen.__anext__()
-        _, duplicate = engine.processor.process("victim", [5, 6, 7], GOOD)
+        checked = engine.input_processor.check([5, 6, 7], GOOD)
+        duplicate = engine.input_processor.make_request(
+            "victim", checked.prompt_token_ids, checked.sampling_params
+        )
         engine.engine_core.add_requests([duplicate])
         with pytest.raises(RequestFailedError, match="refused"):
             async for _ in gen:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+
+import pytest
 
 from pagedllm.engine import serial
+from pagedllm.engine.outputs import EngineCoreOutput, EngineCoreOutputs, Logprobs
 from pagedllm.engine.request import FinishReason, Request
-from pagedllm.engine.scheduler import EngineCoreOutput
-from pagedllm.engine.scheduler_output import Logprobs
 from pagedllm.engine.stats import PrefixCacheStats, SchedulerStats
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -67,7 +69,7 @@ def test_outputs_roundtrip() -> None:
         EngineCoreOutput("c", [2], FinishReason.LENGTH, 2),
     ]
     stats = SchedulerStats(3, 1, 0.25, 2, 100, 40, 9, PrefixCacheStats(4, 80, 32))
-    batch = serial.EngineCoreOutputs(outs, stats, {"a": 0.5})
+    batch = EngineCoreOutputs(outs, stats, {"a": 0.5})
     kind, payload = serial.unpack(serial.encode_outputs(batch))
     assert kind == serial.OutputKind.OUTPUTS
     got = serial.decode_outputs(payload)
@@ -76,3 +78,113 @@ def test_outputs_roundtrip() -> None:
         for name in EngineCoreOutput.__slots__:
             assert getattr(have, name) == getattr(want, name), name
     assert got.outputs[1].finish_reason is FinishReason.STOP
+
+
+# ----- the codec follows the dataclasses: new fields need no change in serial.py -----
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = 2
+
+
+@dataclasses.dataclass
+class Leaf:
+    ids: tuple[int, ...]
+    tags: set[str]
+    color: Color | None = None
+
+
+@dataclasses.dataclass
+class Tree:
+    """Every shape the codec walks: nested and optional dataclasses, lists and dicts of them,
+    enums, sets, tuples, and itself."""
+
+    name: str
+    leaves: list[Leaf]
+    best: Leaf | None
+    by_name: dict[str, Leaf]
+    colors: frozenset[Color]
+    weights: dict[int, float]
+    pairs: list[tuple[int, ...]]
+    stop: int | str | None = None
+    child: Tree | None = None
+    kept_here: list[int] = dataclasses.field(default_factory=list, metadata={"wire": False})
+
+
+@dataclasses.dataclass(slots=True)
+class OutputWithNewFields(EngineCoreOutput):
+    """EngineCoreOutput as it would be with two more fields (say, speculative tokens)."""
+
+    spec_token_ids: list[int] | None = None
+    draft_color: Color = Color.RED
+
+
+@dataclasses.dataclass
+class ParamsWithNewField(SamplingParams):
+    grammar: str | None = None
+    allowed_colors: set[Color] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(eq=False)
+class RequestWithNewField(Request):
+    priority: int = 0
+    lora_name: str | None = None
+
+
+def test_dataclasses_with_new_fields_round_trip() -> None:
+    leaf = Leaf((1, 2), {"x", "y"}, Color.BLUE)
+    tree = Tree(
+        name="root",
+        leaves=[leaf, Leaf((), set())],
+        best=leaf,
+        by_name={"a": leaf},
+        colors=frozenset({Color.RED, Color.BLUE}),
+        weights={3: 0.5, -1: 2.0},
+        pairs=[(1, 2), (3,)],
+        stop=7,
+        child=Tree("kid", [], None, {}, frozenset(), {}, [], "end"),
+        kept_here=[9],
+    )
+    got = serial.decode(Tree, roundtrip(serial.InputKind.ADD, serial.encode(tree)))
+    assert got.kept_here == []  # stays on the sender's side: the constructor's default
+    tree.kept_here = []
+    assert got == tree
+    assert isinstance(got.leaves[0].ids, tuple) and isinstance(got.leaves[0].tags, set)
+    assert isinstance(got.colors, frozenset) and got.best.color is Color.BLUE
+    assert isinstance(got.child, Tree) and got.child.stop == "end"
+
+    out = OutputWithNewFields("r", [4], FinishReason.STOP, None, None, 3, None, [5, 6], Color.BLUE)
+    got_out = serial.decode(OutputWithNewFields, roundtrip(0, serial.encode(out)))
+    assert got_out == out and got_out.draft_color is Color.BLUE
+
+    params = ParamsWithNewField(temperature=0.5, grammar="root ::= x", allowed_colors={Color.RED})
+    params.bad_words_token_ids = [[1]]
+    got_params = serial.decode(ParamsWithNewField, roundtrip(0, serial.encode(params)))
+    assert dataclasses.asdict(got_params) == dataclasses.asdict(params)
+
+    request = RequestWithNewField("r-2", [1, 2], SamplingParams(), priority=5, lora_name="x")
+    request.num_computed_tokens = 2  # the sender's state: not sent
+    got_request = serial.decode(RequestWithNewField, roundtrip(0, serial.encode(request)))
+    assert (got_request.priority, got_request.lora_name) == (5, "x")
+    assert got_request.num_computed_tokens == 0 and got_request.all_token_ids == [1, 2]
+    assert got_request.arrival_order > request.arrival_order  # the receiver's own
+
+
+def test_a_malformed_message_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        serial.decode_request(["ghost", "junk"])
+    with pytest.raises(ValueError):
+        serial.decode(Leaf, [[1], ["x"], None, "one too many"])
+
+
+@dataclasses.dataclass
+class Unsendable:
+    value: complex
+
+
+def test_a_type_the_wire_cannot_carry_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(TypeError, match="complex"):
+        serial.encode(Unsendable(1j))
+    with pytest.raises(TypeError, match="not a dataclass"):
+        serial.encode(object())

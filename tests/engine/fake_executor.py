@@ -6,7 +6,7 @@ the real runner's are on the device); `collect_output` hands the result over lat
 
 from __future__ import annotations
 
-from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 
 
 class FakeExecutor:
@@ -20,6 +20,9 @@ class FakeExecutor:
         return self.num_blocks
 
     def initialize_cache(self, num_blocks: int) -> None:
+        pass
+
+    def warm_up(self) -> None:
         pass
 
     def shutdown(self) -> None:

@@ -94,7 +94,15 @@ def test_rotary_in_place_on_qkv_views(
 ) -> None:
     """q and k are column views of one fused qkv projection (rows strided), rotated in place;
     the torch path's result is the reference."""
-    gen = torch.Generator().manual_seed(head_dim + num_heads)
+    check_rotary_in_place(head_dim, num_heads, num_kv_heads, rope, dtype, head_dim + num_heads)
+
+
+def check_rotary_in_place(
+    head_dim: int, num_heads: int, num_kv_heads: int, rope: dict, dtype: torch.dtype, seed: int
+) -> None:
+    """`rotary_embedding_` on views of one qkv against the torch path; v untouched. Shared with
+    the head-dim tests."""
+    gen = torch.Generator().manual_seed(seed)
     rotary = get_rope(head_dim, 4096, rope)
     tokens = 13
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim

@@ -205,7 +205,7 @@ class _Spy:
 def gemv_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """The dispatch as on a GPU: interpreter tensors count as CUDA ones."""
     if DEVICE == "cpu":
-        monkeypatch.setattr(fused, "enabled", lambda x: True)
+        monkeypatch.setattr(fused, "enabled", lambda x, switch=None: True)
     monkeypatch.delenv("PAGEDLLM_GEMV", raising=False)
     fused.gemv_enabled.cache_clear()
     yield monkeypatch

@@ -84,8 +84,23 @@ def test_prologue_matches_unfused_ops(
     dtype: torch.dtype,
 ) -> None:
     seed = head_dim * 100 + num_heads * 10 + num_kv_heads + 7 * qk_norm
+    check_prologue(head_dim, num_heads, num_kv_heads, qk_norm, ROPES[rope_name], dtype, seed)
+
+
+def check_prologue(
+    head_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    qk_norm: bool,
+    rope: dict,
+    dtype: torch.dtype,
+    seed: int,
+) -> None:
+    """`rope_norm_and_cache_` against the eager ops the layer runs without the fused path (the
+    q/k `RMSNorm`, `RotaryEmbedding`, the torch cache write), with padding rows (slot -1, and
+    rows past `num_tokens`) whose slots stay untouched. Shared with the head-dim tests."""
     gen = torch.Generator().manual_seed(seed)
-    rotary = get_rope(head_dim, 8192, ROPES[rope_name])
+    rotary = get_rope(head_dim, 8192, rope)
     total, num_tokens, block_size, num_blocks = 11, 9, 16, 5
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     qkv = (2 * torch.randn(total, q_size + 2 * kv_size, generator=gen)).to(dtype)
@@ -157,21 +172,27 @@ def test_prologue_rejects_one_norm_weight() -> None:
         )  # fmt: skip
 
 
-def test_kv_written_needs_metadata_and_a_backend_that_accepts_it() -> None:
-    """`Attention(kv_written=True)` would otherwise attend over K/V nobody stored."""
+def test_the_layer_fuses_its_prologue_only_where_it_may(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Attention` stores K/V itself (the fused prologue) only on a backend that reads K/V from
+    the cache alone, with a rotary embedding the kernel supports, and with the switch on."""
     from pagedllm.attention.layer import Attention
-    from pagedllm.attention.torch_ref import TorchRefAttention
-    from pagedllm.forward_context import set_forward_context
-    from tests.attention.test_torch_ref import make_case
+    from pagedllm.attention.torch_ref import TorchRefBackend
+    from pagedllm.attention.triton.backend import TritonBackend
 
-    case = make_case([(5, 3)], num_heads=4, head_dim=32, block_size=16, dtype=torch.float32)
-    q, k, v = (x.flatten(1) for x in (case.query, case.key, case.value))
-    for impl_cls, metadata in ((TritonAttention, None), (TorchRefAttention, case.metadata)):
-        layer = Attention(4, 32, 32**-0.5, k.shape[1] // 32, impl_cls)
-        layer.kv_cache = case.kv_cache
-        assert layer.accepts_prewritten_kv == (impl_cls is TritonAttention)
-        with set_forward_context(metadata), pytest.raises(ValueError, match="kv_written"):
-            layer(q, k, v, kv_written=True)
+    monkeypatch.setattr(fused, "enabled", lambda x, switch=None: switch is not False)
+    rope = get_rope(64, 128, ROPES["default"])
+    q = torch.zeros(2, 4 * 64)
+
+    def fuses(backend, **kw) -> bool:
+        layer = Attention(4, 64, 64**-0.5, 2, backend, **kw)
+        return layer._fuses_prologue(q)
+
+    assert fuses(TritonBackend, rotary_emb=rope)
+    assert not fuses(TorchRefBackend, rotary_emb=rope)
+    assert not fuses(TritonBackend)  # no rotary: nothing to fuse
+    assert not fuses(TritonBackend, rotary_emb=rope, use_fused=False)
+    with pytest.raises(ValueError, match="together"):
+        Attention(4, 64, 64**-0.5, 2, TritonBackend, q_norm=RMSNorm(64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,8 +205,8 @@ MAX_TOKENS = [6, 3, 5]
 
 @pytest.fixture(scope="module")
 def prologue_models(tmp_path_factory, tiny_model_dirs) -> dict[str, str]:
-    """Tiny Qwen3 (head_dim 32) and a tiny Llama with head_dim 32 (the shared one has 16, below
-    the fused rotary's minimum), llama3 rope scaling, GQA 2."""
+    """Tiny Qwen3 (head_dim 32) and a tiny Llama with head_dim 32 (wider than the shared one's
+    16), llama3 rope scaling, GQA 2."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tests.tiny_models import _BASE, make_tokenizer
@@ -232,7 +253,8 @@ def test_engine_greedy_tokens_with_and_without_prologue(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(fused_kernels, "rope_norm_and_cache_", counting)
-    monkeypatch.setattr(fused, "enabled", lambda x: True)  # the fused kernels on CPU tensors
+    # The fused kernels on CPU tensors.
+    monkeypatch.setattr(fused, "enabled", lambda x, switch=None: True)
     # NOTE: the linears' GEMV kernels (tested in test_gemv) stay off: this test is the prologue's.
     monkeypatch.setattr(fused, "gemv_enabled", lambda: False, raising=False)
     llm = LLM(prologue_models[arch], attention_backend="triton", **common)

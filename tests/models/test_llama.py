@@ -21,7 +21,7 @@ from transformers import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from pagedllm.attention.backend import get_attention_impl_cls, kv_cache_shape
+from pagedllm.attention.backend import get_attention_backend, kv_cache_shape
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.utils import build_metadata
 from pagedllm.config import ModelConfig
@@ -31,7 +31,7 @@ from pagedllm.loader import load_model
 from pagedllm.models.registry import resolve_model_cls, supported_architectures
 
 ATOL = 1e-4
-TORCH_ATTN = get_attention_impl_cls("torch", "cpu")
+TORCH_ATTN = get_attention_backend("torch", "cpu")
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=320,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pagedllm.attention.backend import get_attention_impl_cls
+from pagedllm.attention.backend import get_attention_backend
 from pagedllm.config import ModelConfig
 from pagedllm.distributed import get_tp_rank, get_tp_size
 from pagedllm.forward_context import set_forward_context
@@ -50,7 +50,7 @@ def _rank_main(
             head_dim=hf_config.head_dim,
             hf_config=hf_config,
         )
-        model = load_model(model_config, "cpu", get_attention_impl_cls("torch", "cpu"))
+        model = load_model(model_config, "cpu", get_attention_backend("torch", "cpu"))
         qkv = model.model.layers[0].self_attn.qkv_proj
         assert (qkv.num_heads, qkv.num_kv_heads, qkv.num_kv_head_replicas) == (2, 1, 2)
         with torch.no_grad(), set_forward_context(None):

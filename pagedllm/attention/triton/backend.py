@@ -1,7 +1,7 @@
 """`TritonAttention`: the CUDA attention backend, paged FlashAttention in Triton kernels.
 
 Owns the mapping of `AttentionImpl.forward` onto the kernels of `kernels.py`: one cache-write
-launch (none when the model's fused prologue already stored K/V: `kv_written`), then a decode
+launch (none when the attention layer's fused prologue stored K/V: `kv_written`), then a decode
 launch (requests of a few query rows, split over the KV axis when the batch is too small to fill
 the GPU) and/or a varlen launch (prompts and prompt chunks). Runs on CPU tensors too under
 `TRITON_INTERPRET=1` (tests only: slow).
@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.attention.backend import AttentionImpl, AttentionMetadata
+from pagedllm.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+)
 from pagedllm.attention.triton.kernels import paged_attention, reshape_and_cache
 
 
@@ -70,3 +75,24 @@ class TritonAttention(AttentionImpl):
             use_decode_launch=self.use_decode_launch,
         )
         return output
+
+
+class TritonMetadataBuilder(AttentionMetadataBuilder):
+    """The standard metadata plus the decode order its decode launch schedules by."""
+
+    uses_decode_order = True
+
+
+class TritonBackend(AttentionBackend):
+    """Triton kernels over the standard layout; CUDA-graph safe; accepts K/V stored by the
+    attention layer's fused prologue."""
+
+    name = "triton"
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        return TritonAttention
+
+    @staticmethod
+    def get_builder_cls() -> type[AttentionMetadataBuilder]:
+        return TritonMetadataBuilder

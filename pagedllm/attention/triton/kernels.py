@@ -20,6 +20,12 @@ Tensors: query/output `[T, H, D]`; K and V caches `[num_blocks, block_size, Hkv,
 the `[2, ...]` cache); block table `[num_reqs, width]`, seq lens and query start locs int32.
 Row `r` of a program's tile is query token `r // G` of its block and head `kv_head * G + r % G`.
 
+Any head dim D: the kernels' head axis is `padded_head_dim(D)` lanes (`tl.arange` lengths are
+powers of two, `tl.dot` needs 16), and every load and store masks the lanes past D (loads read 0
+there, so q.k and P @ V are unchanged); the tensors themselves are never padded.
+NOTE: a power-of-two D >= 16 is its own tile and compiles to exactly the code of the unpadded
+kernels (the lane masks are constexpr-off: PTX compared for sm_90 at D = 16 ... 256).
+
 NOTE: grid sizes come from host ints only (`num_reqs`, `num_actual_tokens`); nothing here
 reads a device tensor on the host. Integer arguments that change from step to step (request
 count, block-table width, split count) are marked `do_not_specialize`: Triton otherwise compiles
@@ -50,6 +56,17 @@ _M_INIT = tl.constexpr(-1.0e30)
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _in_head(mask, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):
+    """`mask` restricted to the head's lanes `offs_d < HEAD_DIM` of a `HEAD_DIM_P` tile.
+
+    NOTE: a head of a power of two (>= 16) is its own tile: `mask` is returned as it is, so that
+    case compiles to the code it had before tiles were padded."""
+    if HEAD_DIM_P != HEAD_DIM:
+        mask = mask & (offs_d < HEAD_DIM)
+    return mask
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _reshape_and_cache_kernel(
     key_ptr,
@@ -67,6 +84,7 @@ def _reshape_and_cache_kernel(
     stride_ch,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -77,7 +95,8 @@ def _reshape_and_cache_kernel(
     slot = tl.load(slot_mapping_ptr + token, mask=row < num_rows, other=-1).to(tl.int64)
     # NOTE: a negative slot marks a padding token (vLLM's convention; the contract has none).
     mask = ((row < num_rows) & (slot >= 0))[:, None]
-    offs_d = tl.arange(0, HEAD_DIM)[None, :]
+    offs_d = tl.arange(0, HEAD_DIM_P)[None, :]
+    mask = _in_head(mask, offs_d, HEAD_DIM, HEAD_DIM_P)
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch
     dst = dst[:, None] + offs_d
     k = tl.load(key_ptr + (token * stride_kt + head * stride_kh)[:, None] + offs_d, mask=mask)
@@ -102,7 +121,8 @@ def reshape_and_cache(
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     assert key_cache.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
     num_rows = num_tokens * num_kv_heads
-    block_r = max(1, 2048 // head_dim)
+    head_dim_p = padded_head_dim(head_dim)
+    block_r = max(1, 2048 // head_dim_p)
     _reshape_and_cache_kernel[(triton.cdiv(num_rows, block_r),)](
         key,
         value,
@@ -119,6 +139,7 @@ def reshape_and_cache(
         key_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
+        HEAD_DIM_P=head_dim_p,
         BLOCK_R=block_r,
         BLOCK_SIZE=block_size,
         num_warps=4,
@@ -165,6 +186,7 @@ def _attend_tile(
     stride_cb,
     stride_cs,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     APPLY_MASK: tl.constexpr,
@@ -174,7 +196,7 @@ def _attend_tile(
     """One online-softmax step over KV positions `start : start + BLOCK_N`, read through the
     block table. Without `APPLY_MASK` every position must be `< kv_hi` and visible to every row."""
     pos = start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P)
     if APPLY_MASK:
         in_range = pos < kv_hi
         block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=in_range, other=0)
@@ -183,8 +205,11 @@ def _attend_tile(
     slot = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_offset
     k_ptrs = k_cache_ptr + slot[None, :] + offs_d[:, None]  # [D, BLOCK_N]
     v_ptrs = v_cache_ptr + slot[:, None] + offs_d[None, :]  # [BLOCK_N, D]
-    if APPLY_MASK:  # noqa: SIM108
-        k = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
+    if APPLY_MASK:
+        k_mask = _in_head(in_range[None, :], offs_d[:, None], HEAD_DIM, HEAD_DIM_P)
+        k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+    elif HEAD_DIM_P != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     else:
         k = tl.load(k_ptrs)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
@@ -197,8 +222,11 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if APPLY_MASK:  # noqa: SIM108
-        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+    if APPLY_MASK:
+        v_mask = _in_head(in_range[:, None], offs_d[None, :], HEAD_DIM, HEAD_DIM_P)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    elif HEAD_DIM_P != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
@@ -235,6 +263,7 @@ def _paged_attention_kernel(
     stride_bt,
     NUM_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -273,9 +302,10 @@ def _paged_attention_kernel(
     q_pos = ctx_len + tok
     head = kv_head * NUM_GROUP + offs_m % NUM_GROUP
     rows = (q_start + tok).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    row_mask = _in_head(row_valid[:, None], offs_d[None, :], HEAD_DIM, HEAD_DIM_P)
     q_ptrs = q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=row_mask, other=0.0)
 
     # KV positions [kv_lo, kv_hi) cover every valid row; tiles start at kv_lo + k * BLOCK_N.
     first_q = ctx_len + q_block * BLOCK_Q
@@ -295,7 +325,7 @@ def _paged_attention_kernel(
         tile_lo = kv_lo + tl.program_id(2) * per_split
         tile_hi = tl.minimum(kv_hi, tile_lo + per_split)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     bt_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
@@ -303,19 +333,19 @@ def _paged_attention_kernel(
     for start in range(tile_lo, tl.minimum(full_lo, tile_hi), BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
-            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N, BLOCK_SIZE,
             True, USE_WINDOW, DOT_PRECISION,
         )  # fmt: skip
     for start in range(tl.maximum(tile_lo, full_lo), tl.minimum(full_hi, tile_hi), BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
-            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N, BLOCK_SIZE,
             False, USE_WINDOW, DOT_PRECISION,
         )  # fmt: skip
     for start in range(tl.maximum(tile_lo, full_hi), tile_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
-            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N, BLOCK_SIZE,
             True, USE_WINDOW, DOT_PRECISION,
         )  # fmt: skip
 
@@ -324,14 +354,12 @@ def _paged_attention_kernel(
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
         acc_ptrs = part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(acc_ptrs, acc, mask=row_valid[:, None])
+        tl.store(acc_ptrs, acc, mask=row_mask)
     else:
         # NOTE: every valid row sees at least its own position, so l_i > 0 there.
         out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
         out_ptrs = out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh
-        tl.store(
-            out_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None]
-        )
+        tl.store(out_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -345,6 +373,7 @@ def _reduce_splits_kernel(
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
     SPLITS_P: tl.constexpr,
 ):
     """One program per (token, head): the softmax-weighted sum of the splits' partials."""
@@ -352,16 +381,20 @@ def _reduce_splits_kernel(
     head = tl.program_id(1)
     base = (row * num_heads + head) * num_splits
     offs_s = tl.arange(0, SPLITS_P)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P)
     s_mask = offs_s < num_splits
     m = tl.load(part_m_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
     l_s = tl.load(part_l_ptr + base + offs_s, mask=s_mask, other=0.0)
     weight = tl.exp2(m - tl.max(m, 0))  # empty splits: exp2(-1e30 - max) = 0
     acc_ptrs = part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
-    acc = tl.load(acc_ptrs, mask=s_mask[:, None], other=0.0)
+    acc_mask = _in_head(s_mask[:, None], offs_d[None, :], HEAD_DIM, HEAD_DIM_P)
+    acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
     out_ptrs = out_ptr + row * stride_ot + head * stride_oh + offs_d
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
+    if HEAD_DIM_P != HEAD_DIM:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    else:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,6 +413,12 @@ class TileConfig:
     num_stages: int
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The kernels' head-dim tile: `tl.arange` lengths are powers of two and `tl.dot` needs at
+    least 16, so a head of 80 runs in tiles of 128 with the last 48 lanes masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 # NOTE: at least 4 tiles per split and at most 64 splits; fewer programs than ~2 waves of the
 # SMs trigger splitting.
 _MIN_TILES_PER_SPLIT = 4
@@ -387,12 +426,14 @@ _MAX_SPLITS = 64
 
 
 def decode_config(num_group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    head_dim = padded_head_dim(head_dim)  # NOTE: the tile's width, which the registers hold
     block_m = max(16, triton.next_power_of_2(num_group))
     block_n = 64 if head_dim <= 128 and dtype != torch.float32 else 32
     return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
 
 
 def varlen_config(num_group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    head_dim = padded_head_dim(head_dim)  # NOTE: the tile's width, which the registers hold
     if dtype == torch.float32:
         block_m, block_n = 64, 32
     elif head_dim <= 128:
@@ -456,7 +497,6 @@ def paged_attention(
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
     group = num_heads // num_kv_heads
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     query = _last_dim_contiguous(query)
     assert output.stride(-1) == 1
     dec = decode_tiles or decode_config(group, head_dim, query.dtype)
@@ -541,6 +581,7 @@ def _launch(
         md.block_table.stride(0),
         NUM_GROUP=group,
         HEAD_DIM=head_dim,
+        HEAD_DIM_P=padded_head_dim(head_dim),
         BLOCK_SIZE=block_size,
         BLOCK_M=tiles.block_m,
         BLOCK_Q=tiles.block_m // group,
@@ -564,6 +605,7 @@ def _launch(
             output.stride(0),
             output.stride(1),
             HEAD_DIM=head_dim,
+            HEAD_DIM_P=padded_head_dim(head_dim),
             SPLITS_P=triton.next_power_of_2(num_splits),
             num_warps=4,
         )

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from pagedllm.engine.input_processor import CheckedInput, render_chat
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -31,7 +32,6 @@ from pagedllm.entrypoints.openai.serving_engine import (
     sse,
     sse_error,
 )
-from pagedllm.llm import render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
 
 ROLE = "assistant"
@@ -103,8 +103,7 @@ class OpenAIServingChat(OpenAIServing):
             request.continue_final_message,
             request.chat_template_kwargs,
         )
-        ids = prompt["prompt_token_ids"]
-        self.check_token_ids(ids, "messages")
+        ids = self.check_token_ids(prompt["prompt_token_ids"], "messages")
         max_tokens = self.max_tokens_for(
             len(ids),
             request.requested_max_tokens,
@@ -118,7 +117,7 @@ class OpenAIServingChat(OpenAIServing):
             echo = message_dict(last)["content"]
         self.check_capacity(request.n or 1)
         request_id = random_id("chatcmpl")
-        gen = self.engine.generate(prompt, params, request_id)
+        gen = self.engine.generate(CheckedInput(prompt["prompt"], ids, params), None, request_id)
         if request.stream:
             return self._stream(request, request_id, len(ids), echo, gen)
         final = await collect_final(gen)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from pagedllm.engine.input_processor import CheckedInput
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
@@ -36,9 +37,6 @@ from pagedllm.outputs import CompletionOutput, RequestOutput
 class _Prompt:
     text: str | None
     token_ids: list[int]
-
-    def as_engine_prompt(self) -> dict[str, Any]:
-        return {"prompt": self.text, "prompt_token_ids": self.token_ids}
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -71,7 +69,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_capacity(len(prompts) * (request.n or 1))
         request_id = random_id("cmpl")
         gens = [
-            self.engine.generate(p.as_engine_prompt(), sp, f"{request_id}-{i}")
+            self.engine.generate(CheckedInput(p.text, p.token_ids, sp), None, f"{request_id}-{i}")
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
         if request.stream:
@@ -95,11 +93,9 @@ class OpenAIServingCompletion(OpenAIServing):
             if isinstance(item, str):
                 tokenizer = self.need_tokenizer("a text prompt")
                 ids = list(tokenizer.encode(item, add_special_tokens=request.add_special_tokens))
-                self.check_token_ids(ids, "prompt")
-                prompts.append(_Prompt(item, ids))
+                prompts.append(_Prompt(item, self.check_token_ids(ids, "prompt")))
             else:
-                self.check_token_ids(item, "prompt")
-                prompts.append(_Prompt(None, list(item)))
+                prompts.append(_Prompt(None, self.check_token_ids(item, "prompt")))
         return prompts
 
     def _echo(self, prompt: _Prompt) -> str:

@@ -1,9 +1,10 @@
-"""What the completion and chat handlers share: the served model's names, prompt checks against
-the context length and the vocabulary, SamplingParams with the engine's own checks, logprobs in
+"""What the completion and chat handlers share: the served model's names, the request checks
+(the engine's input processor's own: prompt ids, context length, SamplingParams), logprobs in
 OpenAI's two shapes, server-sent events, and merging several request streams into one.
 
 Everything a request can get wrong is checked here, before it reaches the engine, so a stream
-fails with an HTTP 400 rather than after its 200 headers; what the engine still refuses
+fails with an HTTP 400 rather than after its 200 headers. The checks are the input processor's,
+run once: the engine gets a `CheckedInput` and does not run them again; what it still refuses
 (ValueError) becomes an error event inside the stream.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pagedllm.engine.exceptions import EngineDeadError
+from pagedllm.engine.input_processor import PromptTooLongError
 from pagedllm.entrypoints.openai.errors import OpenAIError, error_body, to_openai_error
 from pagedllm.entrypoints.openai.protocol import (
     ChatLogProb,
@@ -90,11 +92,10 @@ class OpenAIServing:
     def __init__(self, engine: Any, config: ServingConfig) -> None:
         self.engine = engine
         self.config = config
-        self.limits = engine.config.request_limits
+        self.input_processor = engine.input_processor
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len: int = self.model_config.max_model_len
-        self.vocab_size: int = self.model_config.vocab_size
         # The generation config's defaults for the sampling fields a request leaves out.
         self.sampling_defaults: dict[str, Any] = dict(self.model_config.sampling_defaults)
         self.model_name = config.served_model_names[0]
@@ -156,15 +157,12 @@ class OpenAIServing:
             raise OpenAIError(f"{what} needs a tokenizer; this server's model has none")
         return self.tokenizer
 
-    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
-        if not ids:
-            raise OpenAIError(f"{param} is empty", param=param)
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise OpenAIError(
-                f"{param} holds token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}",
-                param=param,
-            )
+    def check_token_ids(self, ids: Sequence[int], param: str) -> list[int]:
+        """The ids as a list: not empty, inside the vocabulary (else a 400 naming `param`)."""
+        try:
+            return self.input_processor.check_prompt_ids(ids, param)
+        except ValueError as e:
+            raise OpenAIError(str(e), param=param) from e
 
     def max_tokens_for(
         self, prompt_len: int, requested: int | None, param: str, max_tokens_param: str
@@ -172,15 +170,16 @@ class OpenAIServing:
         """How many tokens the request may generate: what it asked for, which must fit in the
         room the context leaves (else a 400, as vLLM and OpenAI answer); when it did not ask,
         the default (`--default-max-tokens`, the generation config's), at most that room."""
-        room = self.max_model_len - prompt_len
-        if room < 1:
+        try:
+            room = self.input_processor.check_prompt_len(prompt_len)
+        except PromptTooLongError as e:
             raise OpenAIError(
-                f"This model's maximum context length is {self.max_model_len} tokens, but the "
-                f"prompt has {prompt_len} tokens; it must be shorter, to leave room for at least "
-                f"one generated token.",
+                f"This model's maximum context length is {e.max_model_len} tokens, but the "
+                f"prompt has {e.num_tokens} tokens; it must be shorter, to leave room for at "
+                f"least one generated token.",
                 param=param,
                 code="context_length_exceeded",
-            )
+            ) from e
         if requested is None:
             defaults = (self.config.default_max_tokens, self.sampling_defaults.get("max_tokens"))
             return min([room, *(d for d in defaults if d is not None)])
@@ -195,7 +194,9 @@ class OpenAIServing:
         return requested
 
     def sampling_params(self, request: Any, max_tokens: int) -> SamplingParams:
-        """The request's SamplingParams, checked as the engine will check them."""
+        """The request's SamplingParams, checked by the engine's input processor: the engine's
+        own copy, for a `CheckedInput` (with ids that passed `check_token_ids` and
+        `max_tokens_for`), which the engine runs without checking again."""
         if request.stream and request.prompt_logprobs is not None:
             raise OpenAIError(
                 "prompt_logprobs is not supported with stream=true", param="prompt_logprobs"
@@ -203,10 +204,9 @@ class OpenAIServing:
         fields = tuple(type(request).model_fields)
         try:
             params: SamplingParams = request.to_sampling_params(max_tokens, self.sampling_defaults)
-            params.verify_for_engine(self.limits)
+            return self.input_processor.check_params(params)
         except ValueError as e:
             raise to_openai_error(e, fields) from e
-        return params
 
     # ----- logprobs -----
 

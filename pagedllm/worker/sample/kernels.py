@@ -2,7 +2,7 @@
 
 A row sampled at temperature T takes `argmax_v(x_v / T + G_v)` with `G_v` standard Gumbel noise,
 which is distributed as softmax(x / T) (the Gumbel-max trick: the same exponential race as
-`sampler.random_sample`, in log space). Computing the noise in the kernel, from a counter-based
+`ops.random_sample`, in log space). Computing the noise in the kernel, from a counter-based
 hash of (the row's 64-bit key, v), leaves one read of the logits in their own dtype: no fp32
 copy, no softmax, no [rows, vocab] noise tensor, no division. A greedy row (T = 0) takes
 `argmax_v(x_v)`: the same kernel without noise, so all-greedy and mixed batches need no other path.
@@ -12,7 +12,7 @@ that a few rows still spread over the whole GPU) to its best (score, index); a t
 picks each row's best chunk. Both steps keep the first maximum, so the index is `torch.argmax`'s
 (ties go to the lowest index).
 
-The noise of entry v of a row keyed `key` (64 bits, from the host: `InputBatch.sample_keys`):
+The noise of entry v of a row keyed `key` (64 bits, from the host: `SamplingRNG.sample_keys`):
 `h = lowbias32(lowbias32(v ^ key_lo) ^ key_hi)` (two rounds of a 32-bit multiply-xorshift
 finalizer), `w = ((h >> 8) | 1) * 2^-24` (odd multiples of 2^-24: exact, in (0, 1)),
 `E = -ln(1 - w) ~ Exp(1)` and `G = -log2(E)`. Scores are in log2 units, `x * log2(e) / T + G`,

@@ -1,4 +1,4 @@
-"""The one-pass sampling kernel (pagedllm/worker/sample_kernels.py) and the sampler's kernel path.
+"""The one-pass sampling kernel (pagedllm/worker/sample/kernels.py) and the sampler's kernel path.
 
 Without a GPU the kernel runs on CPU tensors under Triton's interpreter. The reference mirrors
 the kernel's noise in numpy (the same 32-bit hash, uniform and Gumbel transform, in the same
@@ -19,12 +19,12 @@ from tests.triton_interpreter import kernel_test_device
 
 DEVICE = kernel_test_device()  # NOTE: before triton is first imported
 
-from pagedllm import SamplingParams  # noqa: E402
-from pagedllm.worker import sample_kernels  # noqa: E402
 from pagedllm.worker.input_batch import InputBatch  # noqa: E402
-from pagedllm.worker.sampler import Sampler, SamplingMetadata, TokenPairs  # noqa: E402
-from pagedllm.worker.staging import HostStager  # noqa: E402
+from pagedllm.worker.sample import Sampler, SamplingMetadata  # noqa: E402
+from pagedllm.worker.sample import kernels as sample_kernels  # noqa: E402
+from pagedllm.worker.sample.metadata import TokenPairs, row_sample_keys  # noqa: E402
 from tests.triton_interpreter import patch_interpreter  # noqa: E402
+from tests.worker.sample.test_ops import random_bitmask, unpack_bits  # noqa: E402
 
 if DEVICE == "cpu":
     patch_interpreter()
@@ -177,7 +177,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def test_mirrored_draws_follow_softmax_chi_square() -> None:
     """200,000 draws of a 12-token row at T = 0.7 (every expected count above 200), each with its
-    own key (unseeded keys of successive steps, as `InputBatch.sample_keys` makes them).
+    own key (unseeded keys of successive steps, as `SamplingRNG.sample_keys` makes them).
     Pearson's statistic, 11 degrees of freedom: the 0.999 quantile is 31.3 (bound: 40). The bound
     has power: the same draws scored against T = 0.72, or drawn with noise 3 % too wide, or with
     a uniform in place of the exponential (`-log u`, a classic slip), score 225, 219 and 10,800
@@ -188,7 +188,7 @@ def test_mirrored_draws_follow_softmax_chi_square() -> None:
     batch = InputBatch(max_num_reqs=1000, max_model_len=8, max_blocks_per_req=1)
     rows = np.arange(1000)
     keys = np.concatenate(
-        [batch.sample_keys(rows, step).view(np.int64) for step in range(num_draws // 1000)]
+        [row_sample_keys(batch, rows, step).view(np.int64) for step in range(num_draws // 1000)]
     )
     noise = gumbel_log2(keys, 12)
     scale = np.float32(1 / temperature) * np.float32(LOG2E)
@@ -226,49 +226,6 @@ def test_kernel_draws_equal_mirrored_draws() -> None:
     assert len(set(got.tolist())) >= 5  # a spread of tokens, not one
 
 
-# ----- keys -----
-
-
-def batch_with(requests: list[SamplingParams], num_tokens: list[int]) -> InputBatch:
-    batch = InputBatch(max_num_reqs=8, max_model_len=64, max_blocks_per_req=4)
-    for i, (sp, n) in enumerate(zip(requests, num_tokens)):
-        batch.add_request(f"r{i}", list(range(5)), list(range(n - 5)), [], sp)
-    return batch
-
-
-def test_seeded_keys_depend_on_seed_and_position_only() -> None:
-    seeded = SamplingParams(temperature=1.0, seed=42)
-    other = SamplingParams(temperature=0.5, seed=7)
-    free = SamplingParams(temperature=1.0)
-    a = batch_with([seeded, free, other], [9, 9, 9])
-    b = batch_with([free, free, other, free, seeded], [5, 12, 9, 6, 9])
-    ka = a.sample_keys(np.arange(3), step_key=1)
-    kb = b.sample_keys(np.array([3, 4, 0, 1, 2]), step_key=2)
-    assert ka[0] == kb[1] and ka[2] == kb[4], "same (seed, position): same key in any batch"
-    assert len({int(k) for k in ka} | {int(k) for k in kb}) == 6
-    # The next position (the placeholder of a step in flight counts) gives another key.
-    a.add_placeholders(np.array([0]), step_id=1)
-    assert a.sample_keys(np.array([0]), step_key=1)[0] != ka[0]
-    # Unseeded rows: another step key or another row index, another key.
-    assert a.sample_keys(np.array([1]), step_key=3)[0] != a.sample_keys(np.array([1]), 4)[0]
-    # Any seed of the 64-bit range is fine, negative or the largest (SamplingParams refuses more).
-    c = batch_with(
-        [SamplingParams(temperature=1.0, seed=-3), SamplingParams(seed=2**64 - 1)], [6, 6]
-    )
-    assert c.sample_keys(np.arange(2), 0).dtype == np.uint64
-
-
-def test_sampling_metadata_carries_keys_and_inverse_temperature() -> None:
-    batch = batch_with([SamplingParams(temperature=0.0), SamplingParams(temperature=0.6)], [6, 6])
-    md = batch.make_sampling_metadata(np.arange(2), HostStager(torch.device("cpu")), None, 9)
-    assert md.inv_temperature is not None and md.sample_keys is not None
-    assert md.inv_temperature.dtype == torch.float32 and md.sample_keys.dtype == torch.int64
-    assert md.inv_temperature.tolist() == [0.0, float(np.float32(1) / np.float32(0.6))]
-    assert torch.equal(
-        md.sample_keys, torch.from_numpy(batch.sample_keys(np.arange(2), 9).view(np.int64))
-    )
-
-
 # ----- the sampler's kernel path -----
 
 
@@ -300,13 +257,13 @@ def test_sampler_reads_the_model_logits_without_a_copy(monkeypatch) -> None:
     x = x[[0, 1, 2, 3, 6, 7]].to(torch.bfloat16).to(DEVICE)
     inv, keys = inv[[0, 1, 2, 3, 6, 7]], keys[[0, 1, 2, 3, 6, 7]]
     sampler = Sampler(use_kernel=True)
-    out = sampler(x, kernel_md(inv, keys))
+    out = sampler.sample(x, kernel_md(inv, keys))
     assert seen[-1] is x and out.logprobs is None
     assert torch.equal(out.token_ids.cpu(), reference(x, inv, keys))
-    greedy = sampler(x, kernel_md(torch.zeros(6), keys))
+    greedy = sampler.sample(x, kernel_md(torch.zeros(6), keys))
     assert seen[-1] is x and torch.equal(greedy.token_ids, x.argmax(-1))
 
-    out_lp = sampler(x, kernel_md(inv, keys, max_num_logprobs=2))
+    out_lp = sampler.sample(x, kernel_md(inv, keys, max_num_logprobs=2))
     assert seen[-1].dtype == torch.float32
     assert torch.equal(out_lp.token_ids, out.token_ids)
     raw = x.float().log_softmax(-1)
@@ -317,7 +274,7 @@ def test_sampler_reads_the_model_logits_without_a_copy(monkeypatch) -> None:
     assert torch.equal(out_lp.logprobs.token_ids[:, 1:], raw.topk(2).indices)
 
     banned = TokenPairs(*dev(torch.arange(6), out.token_ids.cpu()))
-    out_ban = sampler(x, kernel_md(inv, keys, banned=banned))
+    out_ban = sampler.sample(x, kernel_md(inv, keys, banned=banned))
     assert seen[-1].dtype == torch.float32
     assert not (out_ban.token_ids == out.token_ids).any()
 
@@ -330,11 +287,11 @@ def test_sampler_filters_keep_unfiltered_rows_draws() -> None:
     x, inv, keys = x[[0, 1, 2, 3, 6, 7]], inv[[0, 1, 2, 3, 6, 7]], keys[[0, 1, 2, 3, 6, 7]]
     (xd,) = dev(x)
     sampler = Sampler(use_kernel=True)
-    plain = sampler(xd.clone(), kernel_md(inv, keys)).token_ids.cpu()
+    plain = sampler.sample(xd.clone(), kernel_md(inv, keys)).token_ids.cpu()
     top_k = torch.tensor([0, 1, 0, 1, 0, 0])
     top_p = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0, 0.2])
     md = kernel_md(inv, keys, top_k=top_k.to(DEVICE), max_top_k=1, top_p=top_p.to(DEVICE))
-    filtered = sampler(xd.clone(), md).token_ids.cpu()
+    filtered = sampler.sample(xd.clone(), md).token_ids.cpu()
     for r in (0, 2, 4):  # no filter of their own (row 2 is greedy with a top_p: no effect)
         assert filtered[r] == plain[r]
     assert filtered[[1, 3]].tolist() == x[[1, 3]].argmax(1).tolist()
@@ -345,82 +302,31 @@ def test_sampler_filters_keep_unfiltered_rows_draws() -> None:
     assert int(filtered[5]) in keep.tolist()
     min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.5])
     md = kernel_md(inv, keys, min_p=min_p.to(DEVICE))
-    with_min_p = sampler(xd.clone(), md).token_ids.cpu()
+    with_min_p = sampler.sample(xd.clone(), md).token_ids.cpu()
     assert torch.equal(with_min_p[:5], plain[:5])
     assert probs[with_min_p[5]] >= 0.5 * probs.max()
 
 
-# ----- the engine through the kernel path -----
-
-
-def kernel_llm(path: str, **kw):
-    """An engine whose sampler takes the kernel path (under the interpreter on the CPU)."""
-    from pagedllm import LLM
-
-    llm = LLM(path, dtype="float32", **kw)
-    llm.llm_engine.engine_core.executor.worker.model_runner.sampler = Sampler(use_kernel=True)
-    return llm
-
-
-@pytest.mark.slow
-def test_engine_seeded_draws_through_the_kernel(llama_dir) -> None:
-    """Seeded requests give the same ids alone, in a batch of other parameters (top-k rows take
-    the filter path, greedy and unseeded rows beside them), with async scheduling, and when
-    preempted and recomputed; greedy requests give the torch sampler's ids."""
-    import random
-
-    from tests.sampling.test_engine_sampling import ids_prompt
-
-    roomy = kernel_llm(llama_dir, kv_cache_memory="64MiB", max_model_len=128)
-    rng = random.Random(21)
-    prompts = [ids_prompt(rng, 30) for _ in range(3)]
-    seeded = [
-        SamplingParams(temperature=t, seed=s, max_tokens=10, ignore_eos=True)
-        for t, s in ((1.0, 1), (0.6, 2), (1.3, 3))
-    ]
-    alone = [roomy.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids
-             for p, sp in zip(prompts, seeded)]  # fmt: skip
-    others = [
-        SamplingParams(temperature=t, top_k=k, seed=s, max_tokens=n, ignore_eos=True)
-        for t, k, s, n in ((0.0, 0, None, 7), (0.8, 5, None, 12), (1.0, 0, None, 4), (0.7, 3, 1, 9))
-    ]
-    batch = roomy.generate(
-        [ids_prompt(rng, 17), prompts[0], ids_prompt(rng, 40), prompts[1], ids_prompt(rng, 5),
-         prompts[2], ids_prompt(rng, 11)],
-        [others[0], seeded[0], others[1], seeded[1], others[2], seeded[2], others[3]],
-        use_tqdm=False,
-    )  # fmt: skip
-    assert [batch[i].outputs[0].token_ids for i in (1, 3, 5)] == alone
-    assert len(set(map(tuple, alone))) == 3
-
-    async_llm = kernel_llm(
-        llama_dir, kv_cache_memory="64MiB", max_model_len=128, async_scheduling=True
-    )
-    assert [
-        o.outputs[0].token_ids for o in async_llm.generate(prompts, seeded, use_tqdm=False)
-    ] == alone
-
-    small = kernel_llm(
-        llama_dir, max_model_len=64, num_gpu_blocks_override=5, max_num_batched_tokens=16,
-        max_num_seqs=4,
-    )  # fmt: skip
-    got = small.generate(prompts, seeded, use_tqdm=False)
-    assert small.llm_engine.get_stats().num_preemptions > 0
-    assert [o.outputs[0].token_ids for o in got] == alone
-
-    from pagedllm import LLM
-
-    torch_llm = LLM(llama_dir, dtype="float32", kv_cache_memory="64MiB", max_model_len=128)
-    runner = torch_llm.llm_engine.engine_core.executor.worker.model_runner
-    runner.sampler = Sampler(use_kernel=False)  # NOTE: on CUDA the default would be the kernel
-    torch_ids = [
-        o.outputs[0].token_ids for o in torch_llm.generate(prompts, seeded, use_tqdm=False)
-    ]
-    assert all(a != b for a, b in zip(alone, torch_ids)), "the kernel path's noise is its own"
-    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in torch_llm.generate(prompts, greedy, use_tqdm=False)]
-    got = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy, use_tqdm=False)]
-    assert got == expected
+def test_sampler_applies_the_token_bitmask_first() -> None:
+    """The bitmask makes the kernel read the fp32 copy; every id (greedy or sampled, a top-k row
+    among them) is allowed; rows left out of the bitmask draw exactly as without one."""
+    x, inv, keys = mixed_rows(1000, 12)
+    x, inv, keys = x[[0, 1, 2, 3, 6, 7]], inv[[0, 1, 2, 3, 6, 7]], keys[[0, 1, 2, 3, 6, 7]]
+    (xd,) = dev(x.to(torch.bfloat16))
+    sampler = Sampler(use_kernel=True)
+    plain = sampler.sample(xd, kernel_md(inv, keys)).token_ids.cpu()
+    bitmask = random_bitmask(4, 1000, seed=13, density=0.05)
+    allowed = unpack_bits(bitmask, 1000)
+    top_k = torch.tensor([0, 0, 0, 2, 0, 0])
+    md = kernel_md(inv, keys, top_k=top_k.to(DEVICE), max_top_k=2)
+    md.token_bitmask, md.token_bitmask_rows = dev(bitmask, torch.tensor([0, 2, 3, 5]))
+    got = sampler.sample(xd, md).token_ids.cpu()
+    for i, r in enumerate((0, 2, 3, 5)):
+        assert allowed[i, got[r]], r
+    masked = x.float()[[0, 2, 3, 5]].masked_fill(~allowed, NEG_INF)
+    assert got[2] == masked[1].argmax(), "the greedy row: the argmax of its allowed tokens"
+    assert torch.equal(got[[1, 4]], plain[[1, 4]]), "rows without a bitmask"
+    assert not torch.equal(got[[0, 5]], plain[[0, 5]])
 
 
 def test_benchmark_script_runs(capsys) -> None:

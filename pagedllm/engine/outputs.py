@@ -1,10 +1,24 @@
-"""The typed contracts between the engine and the worker: `SchedulerOutput` and `ModelRunnerOutput`."""
+"""The engine's typed contracts, in one place: what crosses each boundary of a step.
+
+- `SchedulerOutput` (with `NewRequestData`, `CachedRequestData`): the scheduler → the worker.
+- `ModelRunnerOutput` (with `Logprobs`): the worker → the scheduler.
+- `EngineCoreOutput`: one request's news from one step, the core → the output processor;
+  `EngineCoreOutputs`: one message of them from the core process (serial.py sends it).
+
+Dataclasses with named fields; `None` means "not known" or "not asked", never a sentinel
+value. The wire format (serial.py) is derived from these fields: a new field crosses the
+process boundary with no change there.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedllm.engine.request import FinishReason
+from pagedllm.engine.stats import SchedulerStats
 from pagedllm.sampling_params import SamplingParams
+
+# ----- scheduler → worker -----
 
 
 @dataclass
@@ -47,6 +61,9 @@ class SchedulerOutput:
         return self.total_num_scheduled_tokens == 0
 
 
+# ----- worker → scheduler -----
+
+
 @dataclass
 class Logprobs:
     """Logprobs of consecutive positions of one request, under the model's raw distribution.
@@ -77,3 +94,42 @@ class ModelRunnerOutput:
     logprobs: list[Logprobs | None] | None = None
     # Prompt logprobs computed this step, for the requests that asked (one row per prompt token).
     prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
+
+
+# ----- core → output processor -----
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """One request's news from one step: the tokens it gained (with their logprobs, if asked),
+    prompt logprobs computed this step (if asked), and whether it ended.
+
+    NOTE: built once per request per step (`Scheduler.update_from_output`): slots, and the hot
+    path passes its fields by position.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    # The stop token id or stop string that ended it; for FinishReason.ERROR, why it failed.
+    stop_reason: int | str | None = None
+    new_logprobs: Logprobs | None = None
+    # Prompt tokens found in the prefix cache when it was first scheduled (None: not known here,
+    # as in an abort's output before it was scheduled).
+    num_cached_tokens: int | None = None
+    new_prompt_logprobs: Logprobs | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineCoreOutputs:
+    """One message from the core: a step's outputs (maybe none), the scheduler's stats after it,
+    and the queue time (seconds from reaching the core to first scheduled) of each request
+    scheduled for the first time."""
+
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+    queue_times: dict[str, float]

@@ -1,0 +1,51 @@
+"""`KVCacheSpec`: what one attention layer keeps in the KV cache per block, plain data.
+
+Every attention layer describes itself with a spec (`Attention.kv_cache_spec`); the worker sizes
+the cache from the specs of all layers (one block id spans every layer, so a block costs the sum
+of their page sizes) and each layer's backend shapes its tensor from its spec
+(`AttentionBackend.kv_cache_shape`). A new kind of layer state (MLA's compressed latent, an FP8
+cache with scales) is a new spec class.
+
+NOTE: pure Python (no torch), like the rest of `engine/`: dtypes are names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pagedllm.config import dtype_size
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Full attention: K and V of `num_kv_heads` heads of `head_dim` for `block_size` tokens."""
+
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def page_size_bytes(self) -> int:
+        """Bytes one block of this layer holds (K and V)."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * dtype_size(self.dtype)
+
+
+@dataclass(frozen=True)
+class SlidingWindowSpec(KVCacheSpec):
+    """Attention over the last `sliding_window` tokens only. Its blocks are the same as full
+    attention's today (blocks out of the window are kept until the request ends)."""
+
+    sliding_window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+
+
+def block_bytes(specs: Mapping[str, KVCacheSpec]) -> int:
+    """The memory one block id costs: the page of every layer."""
+    if not specs:
+        raise ValueError("the model has no attention layer")
+    return sum(spec.page_size_bytes for spec in specs.values())

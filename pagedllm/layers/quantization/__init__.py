@@ -1,0 +1,25 @@
+"""Quantization methods of the layers: the interface and registry (`base`) and one module per
+method (`unquantized`: F.linear and the GEMV). Further methods are imported on first use."""
+
+from pagedllm.layers.quantization.base import (
+    LinearMethodBase,
+    QuantizationConfig,
+    QuantizeMethodBase,
+    available_quantization_configs,
+    get_quantization_config,
+    register_quantization_config,
+    set_weight_attrs,
+)
+from pagedllm.layers.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
+
+__all__ = [
+    "LinearMethodBase",
+    "QuantizationConfig",
+    "QuantizeMethodBase",
+    "UnquantizedConfig",
+    "UnquantizedLinearMethod",
+    "available_quantization_configs",
+    "get_quantization_config",
+    "register_quantization_config",
+    "set_weight_attrs",
+]
