@@ -6,6 +6,7 @@ Dtypes are names ("float32", "bfloat16", "float16"); the worker maps them to tor
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,15 +147,23 @@ class DeviceConfig:
     device: str = "cpu"  # "cpu" or "cuda"
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1") != "0"
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Which custom kernels the layers use on CUDA (ignored elsewhere): the fused Triton ops
     (norms, rotary, the attention prologue, SiLU-and-mul) and, on top, the small-batch GEMV of
-    the linear layers. Defaults: the environment (`PAGEDLLM_FUSED_OPS=0`, `PAGEDLLM_GEMV=0`
-    turn them off; EngineArgs reads it once)."""
+    the linear layers (which needs the fused ops). Defaults: the environment, read when the
+    config is made (`PAGEDLLM_FUSED_OPS=0`, `PAGEDLLM_GEMV=0` turn them off)."""
 
-    fused_ops: bool = True
-    gemv: bool = True
+    fused_ops: bool = field(default_factory=lambda: _env_on("PAGEDLLM_FUSED_OPS"))
+    gemv: bool = field(default_factory=lambda: _env_on("PAGEDLLM_GEMV"))
+
+    def __post_init__(self) -> None:
+        if self.gemv and not self.fused_ops:
+            object.__setattr__(self, "gemv", False)  # NOTE: the GEMV is one of the fused ops
 
 
 @dataclass(frozen=True)

@@ -196,14 +196,9 @@ class EngineArgs:
         )
 
     def _kernel_config(self) -> KernelConfig:
-        """The switches given, else the environment's (read here, once)."""
-        fused_ops = self.fused_ops
-        if fused_ops is None:
-            fused_ops = os.environ.get("PAGEDLLM_FUSED_OPS", "1") != "0"
-        gemv = self.gemv
-        if gemv is None:
-            gemv = os.environ.get("PAGEDLLM_GEMV", "1") != "0"
-        return KernelConfig(fused_ops=fused_ops, gemv=fused_ops and gemv)
+        """The switches given; the environment's (KernelConfig's defaults) for the others."""
+        given = {"fused_ops": self.fused_ops, "gemv": self.gemv}
+        return KernelConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _cli_type(annotation: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The one-pass sampling kernel (pagedllm/worker/sample_kernels.py) against the torch sampler.
+"""The one-pass sampling kernel (pagedllm/worker/sample/kernels.py) against the torch sampler.
 
     python -m pagedllm.benchmarks.sampler                          # rows 1-256, two vocabularies
     python -m pagedllm.benchmarks.sampler --chunk-sizes auto,2048,8192,32768 --blocks 1024,2048
@@ -11,7 +11,7 @@ logits), then both all-greedy (`argmax_rows` of the fp32 copy, as today's path, 
 without noise). Time per call replayed from a CUDA graph (device time, as in a step), and the
 logits bytes read over that time; the logits are cycled over copies (>= 256 MiB in all) so that
 no call finds them in L2. With several chunk sizes, blocks or warps, the kernel is timed for
-each (the sampling path; `auto` is `sample_kernels.chunking`). Under a minute on an H200
+each (the sampling path; `auto` is `sample.kernels.chunking`). Under a minute on an H200
 (estimated: not run on a GPU yet).
 """
 

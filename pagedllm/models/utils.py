@@ -48,7 +48,7 @@ def make_context(
     if quant_config is None:
         from pagedllm.layers.quantization import UnquantizedConfig
 
-        quant_config = UnquantizedConfig(use_gemv=kernel_config.gemv)
+        quant_config = UnquantizedConfig(kernel_config.gemv, kernel_config.fused_ops)
     return ModelContext(
         hf_config=hf_config,
         attn_backend=attn_backend,

@@ -110,7 +110,6 @@ class ModelRunner:
         # the kernel path's step keys, the seeded requests' generators, which outlive their
         # preemptions) and chooses the path once: the kernel on CUDA, the torch ops elsewhere.
         self.sampler = Sampler(seed=config.model_config.seed, device=device)
-        self.kv_caches: list[torch.Tensor] = []
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.stager = HostStager(device)
         self.cuda_graphs: CudaGraphRunner | None = None
@@ -181,7 +180,7 @@ class ModelRunner:
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
         impls = [layer.impl for layer in self.attention_layers]
-        if not all(impl.cuda_graph_safe for impl in impls):
+        if impls and not all(impl.cuda_graph_safe for impl in impls):
             logger.info(
                 "attention backend %s cannot be captured: decode runs eagerly",
                 type(impls[0]).__name__,

@@ -24,8 +24,6 @@ from torch import nn
 
 from pagedllm.layers.activation import SiluAndMul
 
-_silu_and_mul = SiluAndMul()
-
 
 def set_weight_attrs(weight: torch.Tensor, weight_attrs: Mapping[str, Any] | None) -> None:
     """Sets each of `weight_attrs` (e.g. `weight_loader`) as an attribute of `weight`."""
@@ -45,6 +43,10 @@ class QuantizeMethodBase:
 
 class LinearMethodBase(QuantizeMethodBase, ABC):
     """Creates a linear layer's weights and computes `apply(layer, x, bias) = x @ W^T + bias`."""
+
+    # The activation `apply_silu_mul` runs when the method does not fold it into its kernel
+    # (a method built with the engine's kernel switches gives it its own).
+    silu_and_mul: SiluAndMul = SiluAndMul()
 
     @abstractmethod
     def create_weights(
@@ -76,7 +78,7 @@ class LinearMethodBase(QuantizeMethodBase, ABC):
     ) -> torch.Tensor:
         """`apply(layer, silu_and_mul(gate_up), bias)` for `gate_up [..., 2 * input]` (gate,
         then up). A method may fold the activation into its kernel."""
-        return self.apply(layer, _silu_and_mul(gate_up), bias)
+        return self.apply(layer, self.silu_and_mul(gate_up), bias)
 
 
 class QuantizationConfig(ABC):

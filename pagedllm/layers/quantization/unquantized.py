@@ -33,8 +33,6 @@ from pagedllm.layers.quantization.base import (
 # one row always gains; 2-4 rows only for the shapes `gemv_kernels.wins` lists; 8 and more never.
 GEMV_MAX_M = 4
 
-_silu_and_mul = SiluAndMul()
-
 
 def _gemv_kernels(
     x: torch.Tensor,
@@ -76,9 +74,11 @@ def apply_linear(
 class UnquantizedLinearMethod(LinearMethodBase):
     """One `weight [sum(output_partition_sizes), input_size_per_partition]` in `params_dtype`."""
 
-    def __init__(self, use_gemv: bool | None = None) -> None:
-        # NOTE: None defers to `fused.gemv_enabled()` at every call (a cached env read).
+    def __init__(self, use_gemv: bool | None = None, use_fused: bool | None = None) -> None:
+        """`use_gemv`: the GEMV for few rows; `use_fused`: the fused SiLU-and-mul kernel (on
+        CUDA). NOTE: None defers to the environment's defaults (a cached env read)."""
         self.use_gemv = use_gemv
+        self.silu_and_mul = SiluAndMul(use_fused)
 
     def create_weights(
         self,
@@ -117,16 +117,17 @@ class UnquantizedLinearMethod(LinearMethodBase):
         kernels = _gemv_kernels(gate_up, weight, bias, self.use_gemv, silu_mul=True)
         if kernels is not None:
             return kernels.gemv_silu_mul(gate_up, weight, bias)
-        return self.apply(layer, _silu_and_mul(gate_up), bias)
+        return self.apply(layer, self.silu_and_mul(gate_up), bias)
 
 
 class UnquantizedConfig(QuantizationConfig):
-    """Every layer unquantized (as `quant_config=None`), with an explicit GEMV switch."""
+    """Every layer unquantized (as `quant_config=None`), with explicit kernel switches."""
 
     name: ClassVar[str] = "unquantized"
 
-    def __init__(self, use_gemv: bool | None = None) -> None:
+    def __init__(self, use_gemv: bool | None = None, use_fused: bool | None = None) -> None:
         self.use_gemv = use_gemv
+        self.use_fused = use_fused
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
-        return UnquantizedLinearMethod(use_gemv=self.use_gemv)
+        return UnquantizedLinearMethod(use_gemv=self.use_gemv, use_fused=self.use_fused)
