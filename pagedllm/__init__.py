@@ -16,6 +16,7 @@ _LAZY = {
     "CompletionOutput": "pagedllm.outputs",
     "Logprob": "pagedllm.outputs",
     "RequestOutputKind": "pagedllm.sampling_params",
+    "StructuredOutputsParams": "pagedllm.sampling_params",
     "EngineArgs": "pagedllm.engine_args",
 }
 
@@ -27,13 +28,14 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
 
 if TYPE_CHECKING:
     from pagedllm.engine_args import EngineArgs
     from pagedllm.llm import LLM
     from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-    from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+    from pagedllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

@@ -181,6 +181,8 @@ class EngineConfig:
     async_scheduling: bool = False
     kernel_config: KernelConfig = field(default_factory=KernelConfig)
     max_logprobs: int = 20
+    # The model's reasoning markers (`structured_output.REASONING_MARKERS`; None: it has none).
+    reasoning_parser: str | None = None
     max_n: int = 128
     max_stop_strings: int = 64
     disable_log_stats: bool = True
@@ -189,6 +191,13 @@ class EngineConfig:
         for name in ("max_logprobs", "max_n", "max_stop_strings"):
             if getattr(self, name) < (0 if name == "max_logprobs" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        from pagedllm.engine.structured_output.reasoning import REASONING_MARKERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_MARKERS:
+            raise ValueError(
+                f"reasoning_parser must be one of {', '.join(REASONING_MARKERS)}, got "
+                f"{self.reasoning_parser!r}"
+            )
 
     @property
     def request_limits(self) -> Any:

@@ -103,6 +103,13 @@ class EngineArgs:
         default=None,
         metadata=_help("prepare the next step while the GPU runs this one (default: on for CUDA)"),
     )
+    reasoning_parser: str | None = field(
+        default=None,
+        metadata=_help(
+            "the model reasons between <think> and </think> (deepseek_r1, qwen3): structured "
+            "output applies after the reasoning; the server splits it into reasoning_content"
+        ),
+    )
     max_logprobs: int = field(default=20, metadata=_help("most logprobs a request may ask for"))
     max_n: int = field(default=128, metadata=_help("most samples (n) a request may ask for"))
     max_stop_strings: int = field(
@@ -190,6 +197,7 @@ class EngineArgs:
                 device == "cuda" if self.async_scheduling is None else self.async_scheduling
             ),
             max_logprobs=self.max_logprobs,
+            reasoning_parser=self.reasoning_parser,
             max_n=self.max_n,
             max_stop_strings=self.max_stop_strings,
             disable_log_stats=self.disable_log_stats,

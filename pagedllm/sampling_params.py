@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import json as _json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,88 @@ def child_seed(seed: int, index: int) -> int:
     return value - 2**64 if value > SEED_MAX else value
 
 
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output (vLLM's names): exactly one of
+    - `json`: a JSON schema (a dict, or its JSON text);
+    - `regex`: a regular expression the whole output matches;
+    - `choice`: the output is one of these strings;
+    - `grammar`: an EBNF grammar (GBNF, llama.cpp's notation; the start rule is `root`);
+    - `json_object`: any JSON object;
+    - `structural_tag`: xgrammar's structural tag (a JSON text).
+    The engine masks every token the constraint forbids, so the output is valid by
+    construction (unless max_tokens cuts it), and the request ends once the constraint is
+    complete. `disable_any_whitespace`: JSON without free whitespace between tokens (compact;
+    the default lets the model place whitespace where JSON allows it).
+
+    Here the fields are checked for their types; whether the schema, regex or grammar is valid
+    is checked when the engine takes the request (`ValueError` naming the field)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        where = "structured_outputs"
+        kinds = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"{where} must set exactly one of {', '.join(_STRUCTURED_KINDS)}; "
+                f"got {', '.join(kinds) or 'none'}"
+            )
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = _json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"{where}.json is not valid JSON: {e}") from e
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"{where}.json must be a JSON schema (an object), got {schema!r}")
+            if not isinstance(self.json, str):
+                try:
+                    self.json = _json.dumps(schema, ensure_ascii=False)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{where}.json must be JSON-serializable: {e}") from e
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not is_valid_text(value) or not value.strip()):
+                raise ValueError(f"{where}.{name} must be a non-empty, valid Unicode string")
+        if self.choice is not None:
+            self.choice = _as_list(self.choice, f"{where}.choice")
+            if not self.choice or any(not is_valid_text(c) or c == "" for c in self.choice):
+                raise ValueError(
+                    f"{where}.choice must be a non-empty list of non-empty strings, "
+                    f"got {self.choice!r}"
+                )
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError(f"{where}.json_object must be a bool")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError(f"{where}.disable_any_whitespace must be a bool")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: "json", "regex", "choice", "grammar", "json_object" or
+        "structural_tag"."""
+        return next(n for n in _STRUCTURED_KINDS if getattr(self, n) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, spec text, compact): what identifies its compiled grammar."""
+        kind = self.kind
+        value = getattr(self, kind)
+        spec = _json.dumps(value) if kind == "choice" else "" if kind == "json_object" else value
+        return kind, spec, self.disable_any_whitespace
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What the engine accepts of one request beyond SamplingParams' own ranges."""
@@ -107,6 +190,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Constrained decoding (JSON schema, regex, choice, grammar): see StructuredOutputsParams.
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled here and by the engine: tokens that end the request (stop_token_ids; the processor
     # adds EOS unless ignore_eos), and the token ids of each bad word (the processor fills them).
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
@@ -129,6 +214,15 @@ class SamplingParams:
                 raise ValueError(f"logit_bias must map token ids to floats: {e}") from e
         if self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            if not isinstance(self.structured_outputs, dict):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict)")
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:  # an unknown key
+                raise ValueError(f"structured_outputs: {e}") from e
         self._verify()
         if self.temperature < _EPS:
             # NOTE: greedy sampling ignores the filters; normalize so the sampler's fast path sees it.

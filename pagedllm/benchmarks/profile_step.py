@@ -80,6 +80,8 @@ def time_phases(engine: object) -> dict[str, float]:
         (runner.input_batch, "make_sampling_metadata", "  sampling metadata"),
         (core.scheduler, "update_from_output", "scheduler update"),
         (engine.output_processor, "process_outputs", "output processing"),  # type: ignore[attr-defined]
+        (core.structured_output, "grammar_bitmask", "grammar bitmask (host fill)"),
+        (core.executor, "sample_tokens", "grammar steps' sampling (queue)"),
     ]
     for obj, attr, name in targets:
         fn = getattr(obj, attr)

@@ -48,7 +48,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="pagedllm",
-        help="comma-separated runs, in one process: pagedllm, pagedllm-no-prefix-caching, hf",
+        help="comma-separated runs, in one process: pagedllm, pagedllm-no-prefix-caching, "
+        "pagedllm-json-schema (every request under STRUCTURED_SCHEMA), hf",
     )
     parser.add_argument(
         "--workload",
@@ -85,6 +86,33 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     EngineArgs.add_cli_args(parser)
 
 
+# The JSON schema of `--backend pagedllm-json-schema`: an array of strings that cannot close
+# before max_tokens (each item takes at least 3 tokens: outputs of up to 6,000 tokens stay open),
+# so constrained outputs are as long as unconstrained ones and the two runs do the same work.
+STRUCTURED_SCHEMA = {"type": "array", "items": {"type": "string"}, "minItems": 2000}
+
+
+def with_tokenizer(args: EngineArgs) -> EngineArgs:
+    """`args` with a tokenizer: a dummy-weight config ships none, and structured output needs
+    one: a synthetic vocabulary of the model's size (benchmarks/synthetic_tokenizer.py)."""
+    config = args.create_engine_config()
+    if config.model_config.tokenizer is not None and not args.skip_tokenizer_init:
+        from pagedllm.transformers_utils.tokenizer import get_tokenizer
+
+        if get_tokenizer(config.model_config.tokenizer) is not None:
+            return args
+    import tempfile
+
+    from pagedllm.benchmarks.synthetic_tokenizer import write_synthetic_tokenizer
+
+    mc = config.model_config
+    folder = write_synthetic_tokenizer(
+        tempfile.mkdtemp(prefix="pagedllm-tokenizer-"), mc.vocab_size, mc.eos_token_ids[0]
+    )
+    print(f"structured output: a synthetic {mc.vocab_size}-token vocabulary at {folder}")
+    return dataclasses.replace(args, tokenizer=str(folder), skip_tokenizer_init=False)
+
+
 def run_pagedllm(
     args: EngineArgs,
     requests: list[BenchRequest],
@@ -92,8 +120,9 @@ def run_pagedllm(
     name: str = "pagedllm",
     profile_phases: bool = False,
     torch_profile: bool = False,
+    structured: bool = False,
 ) -> ThroughputResult:
-    from pagedllm import LLM, SamplingParams
+    from pagedllm import LLM, SamplingParams, StructuredOutputsParams
 
     llm = LLM(**vars(args))
     phases = None
@@ -102,10 +131,20 @@ def run_pagedllm(
 
         phases = time_phases(llm.llm_engine)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    spec = StructuredOutputsParams(json=STRUCTURED_SCHEMA) if structured else None
     params = [
-        SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True)
+        SamplingParams(
+            temperature=temperature,
+            max_tokens=r.output_len,
+            ignore_eos=True,
+            structured_outputs=spec,
+        )
         for r in requests
     ]
+    if structured:
+        # NOTE: the grammar backend is made (the vocabulary read) and the schema compiled on the
+        # first constrained request: once per engine, like the CUDA graphs, so out of the timing.
+        llm.generate([prompts[0]], dataclasses.replace(params[0], max_tokens=2), use_tqdm=False)
     with _kernel_profile(torch_profile):
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=True)
@@ -201,11 +240,23 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
         elif backend == "pagedllm-no-prefix-caching":
             no_cache = dataclasses.replace(engine_args, enable_prefix_caching=False)
             results.append(run_pagedllm(no_cache, requests, ns.temperature, backend))
+        elif backend == "pagedllm-json-schema":
+            results.append(
+                run_pagedllm(
+                    with_tokenizer(engine_args),
+                    requests,
+                    ns.temperature,
+                    backend,
+                    profile_phases=ns.profile_phases,
+                    structured=True,
+                )
+            )
         elif backend == "hf":
             results.append(run_hf(config, requests, ns.temperature, ns.hf_batch_size))
         else:
             raise ValueError(
-                f"unknown backend {backend!r}: use pagedllm, pagedllm-no-prefix-caching or hf"
+                f"unknown backend {backend!r}: use pagedllm, pagedllm-no-prefix-caching, "
+                "pagedllm-json-schema or hf"
             )
     print(
         f"model {config.model_config.model} ({config.model_config.dtype}, "

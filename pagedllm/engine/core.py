@@ -11,6 +11,11 @@ It runs in the caller's process under `LLMEngine`, or in its own process under
   computes. It falls back to `_step_sync` while a live request samples with penalties or bad
   words (its sampler reads the ids just sampled).
 Either way a step that raises fails its culprit alone (`_recover`).
+
+Structured output: a step with constrained rows is launched in two parts. `launch_model` queues
+the forward; then, once the matchers have taken every token sampled before (in the async step,
+after the previous step is collected), the core fills the rows' token bitmask on the host while
+the device computes, and `sample_tokens` queues the sampling with it (`_sample_launched`).
 """
 
 from __future__ import annotations
@@ -21,19 +26,29 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, TypeAlias
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeAlias
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.exceptions import RequestPreparationError
-from pagedllm.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.outputs import (
+    EngineCoreOutput,
+    GrammarOutput,
+    ModelRunnerOutput,
+    SchedulerOutput,
+)
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.stats import SchedulerStats
+from pagedllm.engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
 # Failed steps in a row after which the engine gives up (the device, not a request, is broken).
 MAX_CONSECUTIVE_FAILURES = 3
+# Longest wait of a step with nothing to run for a grammar being compiled (new requests and
+# aborts reach the core between steps).
+GRAMMAR_WAIT_S = 0.02
 
 
 # A launched step, as `Executor.launch_model` returns it and `collect_output` takes it back.
@@ -56,7 +71,13 @@ class Executor(Protocol):
         ...
 
     def launch_model(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        """Starts a step without waiting for its results; `collect_output` returns them."""
+        """Starts a step without waiting for its results; `collect_output` returns them. A
+        step with constrained rows (`structured_output_request_ids`) only runs its forward
+        until `sample_tokens` brings their bitmask."""
+        ...
+
+    def sample_tokens(self, handle: StepHandle, grammar: GrammarOutput) -> None:
+        """Queues the sampling of a launched step that waits for its grammar bitmask."""
         ...
 
     def collect_output(self, handle: StepHandle) -> ModelRunnerOutput:
@@ -78,6 +99,9 @@ class EngineCore:
         executor.initialize_cache(self.num_blocks)
         executor.warm_up()
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
+        self.structured_output = StructuredOutputManager(
+            config.model_config, reasoning_parser=config.reasoning_parser
+        )
         # When each request not scheduled yet arrived (time.monotonic()).
         self._arrival_times: dict[str, float] = {}
         # Seconds each request first scheduled by the last step() had waited in the queue.
@@ -89,6 +113,8 @@ class EngineCore:
         # Launched steps whose results are not collected yet (at most two, oldest first).
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         self._launching: SchedulerOutput | None = None  # the step being launched
+        # The launched step whose sampling waits for its grammar bitmask.
+        self._unsampled: tuple[SchedulerOutput, StepHandle] | None = None
         self._consecutive_failures = 0
         # NOTE: start-up's objects (the model, its modules and tensors, graphs, tokenizer) never
         # die: frozen, the collector stops scanning them in every full collection while serving.
@@ -97,6 +123,7 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        self.structured_output.init_request(request)
         self._arrival_times[request.request_id] = time.monotonic()
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -121,6 +148,7 @@ class EngineCore:
         except Exception as e:
             return outputs + self._recover(e)
         self._consecutive_failures = 0
+        outputs += self.scheduler.take_failed_outputs()
         return outputs
 
     def _step_sync(self, outputs: list[EngineCoreOutput]) -> None:
@@ -128,36 +156,95 @@ class EngineCore:
         while self._in_flight:  # launched while steps overlapped
             outputs += self._collect_oldest()
         self._schedule_and_launch()
+        self._sample_launched()
         if self._in_flight:
             outputs += self._collect_oldest()
 
     def _step_async(self, outputs: list[EngineCoreOutput]) -> None:
-        """Launch step N+1, then collect step N: one step stays in flight."""
+        """Launch step N+1, then collect step N: one step stays in flight.
+
+        A step waiting for its grammar bitmask (N+1) is sampled once step N is collected (its
+        tokens advance the grammars the mask reads); then step N+2 is launched at once, before
+        N's outputs go back, so that the host's work on them overlaps the device's."""
         if self.scheduler.num_history_reqs:
             # NOTE: a request's sampler reads the ids its last step sampled: no overlap.
             self._step_sync(outputs)
             return
+        if self._unsampled is not None:
+            if len(self._in_flight) > 1:
+                outputs += self._collect_oldest()
+            # NOTE: the mask fills in threads while this one schedules the next step.
+            bitmask = self._fill_grammar_bitmask()
+            next_step = self._schedule()
+            self._sample_launched(bitmask)
+            if next_step is not None:
+                self._launch(next_step)
+            return
+        if len(self._in_flight) > 1:  # a grammar step's successor is in flight too
+            outputs += self._collect_oldest()
         launched = self._schedule_and_launch()
         if self._in_flight and (not launched or len(self._in_flight) > 1):
             outputs += self._collect_oldest()
+        if self._unsampled is not None and len(self._in_flight) == 1:
+            # Nothing before it: its grammars are current. Sample it, launch the next.
+            self._sample_launched()
+            self._schedule_and_launch()
 
     def _schedule_and_launch(self) -> bool:
         """Schedules a step and launches it; whether a step with work was launched."""
+        scheduler_output = self._schedule()
+        return scheduler_output is not None and self._launch(scheduler_output)
+
+    def _schedule(self) -> SchedulerOutput | None:
         if not self.scheduler.has_unfinished_requests():
-            return False
+            return None
         scheduler_output = self.scheduler.schedule()
         self._record_queue_times(scheduler_output)
+        return scheduler_output
+
+    def _launch(self, scheduler_output: SchedulerOutput) -> bool:
+        """Launches a scheduled step; whether it had work."""
         if not scheduler_output.is_empty:
             self._launching = scheduler_output
             handle = self.executor.launch_model(scheduler_output)
             self._launching = None
             self._in_flight.append((scheduler_output, handle))
+            if scheduler_output.structured_output_request_ids:
+                self._unsampled = (scheduler_output, handle)
             return True
         if scheduler_output.finished_req_ids or scheduler_output.preempted_req_ids:
             # Let the worker drop ended and preempted requests even when nothing runs (a
             # preemption can schedule nothing when the others' tokens in flight end them).
             self.executor.launch_model(scheduler_output)
+        elif not self._in_flight:
+            # Nothing runs: the waiting requests wait for their grammars (or for room).
+            self.structured_output.wait_for_compiles(GRAMMAR_WAIT_S)
         return False
+
+    def _fill_grammar_bitmask(self) -> Future[Any]:
+        """Starts filling the bitmask of the step waiting for it (in threads)."""
+        assert self._unsampled is not None
+        req_ids = self._unsampled[0].structured_output_request_ids
+        requests = [self.scheduler.requests.get(r) for r in req_ids]
+        return self.structured_output.grammar_bitmask_async(requests)
+
+    def _sample_launched(self, bitmask: Future[Any] | None = None) -> None:
+        """Fills the grammar bitmask of the step launched last (or takes it from `bitmask`), if
+        it waits for one, and queues its sampling (its forward is on the device meanwhile)."""
+        if self._unsampled is None:
+            return
+        scheduler_output, handle = self._unsampled
+        self._unsampled = None
+        req_ids = scheduler_output.structured_output_request_ids
+        self._launching = scheduler_output
+        if bitmask is None:
+            mask = self.structured_output.grammar_bitmask(
+                [self.scheduler.requests.get(r) for r in req_ids]
+            )
+        else:
+            mask = bitmask.result()
+        self.executor.sample_tokens(handle, GrammarOutput(req_ids, mask))
+        self._launching = None
 
     def _collect_oldest(self) -> list[EngineCoreOutput]:
         scheduler_output, handle = self._in_flight[0]
@@ -176,6 +263,7 @@ class EngineCore:
             [self._launching] if self._launching is not None else []
         )
         self._launching = None
+        self._unsampled = None
         self._in_flight.clear()
         self.executor.abandon_steps()
         if isinstance(error, RequestPreparationError):
@@ -217,5 +305,6 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self._in_flight.clear()
+        self.structured_output.shutdown()
         self.executor.shutdown()
         gc.unfreeze()  # NOTE: what start-up froze may be collected again (and at exit)

@@ -79,6 +79,12 @@ class InputProcessor:
         params.verify_for_engine(self.limits)
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise ValueError("stop strings and bad_words need a tokenizer; this engine has none")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer; this engine has none")
+            from pagedllm.engine.structured_output.backends.xgrammar import check
+
+            check(params.structured_outputs)  # NOTE: the spec alone; the core compiles it
         own = params.clone()
         if output_kind is not None:
             own.output_kind = output_kind
@@ -248,9 +254,11 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One conversation → `{"prompt": text, "prompt_token_ids": ids}` through `tokenizer`'s chat
-    template (or `chat_template`); shared by `LLM.chat` and the OpenAI server.
+    template (or `chat_template`), which sees `tools` (OpenAI's tool dicts) if given; shared by
+    `LLM.chat` and the OpenAI server.
 
     NOTE: the template writes any BOS itself, so the text is tokenized without special tokens.
     """
@@ -266,6 +274,7 @@ def render_chat(
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         tokenize=False,
+        tools=tools,
         **(chat_template_kwargs or {}),
     )
     if not is_valid_text(text):

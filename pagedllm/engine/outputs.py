@@ -13,6 +13,7 @@ process boundary with no change there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.engine.request import FinishReason
 from pagedllm.engine.stats import SchedulerStats
@@ -55,10 +56,22 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # Requests preempted this step: the worker drops them; they come back as new requests.
     preempted_req_ids: set[str] = field(default_factory=set)
+    # The requests with a grammar that sample this step, in scheduling order: the step's
+    # sampling waits for their `GrammarOutput` (EngineCore fills it during the forward).
+    structured_output_request_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class GrammarOutput:
+    """The token bitmask of a step's constrained rows: `bitmask[i]` (int32 numpy [M,
+    ceil(vocab / 32)], bit j of word w set: token 32 w + j allowed) belongs to `req_ids[i]`."""
+
+    req_ids: list[str]
+    bitmask: Any  # np.ndarray (NOTE: typed loosely: this module imports no numpy)
 
 
 # ----- worker → scheduler -----

@@ -6,6 +6,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from pagedllm.engine.structured_output.request import StructuredOutputRequest
 from pagedllm.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
@@ -87,6 +88,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list, metadata=_CORE_STATE)
     all_token_ids: list[int] = field(default_factory=list, metadata=_CORE_STATE)
     block_hashes: list[bytes] = field(default_factory=list, metadata=_CORE_STATE)
+    # Its grammar, when its output is constrained (set by the StructuredOutputManager).
+    structured_output: StructuredOutputRequest | None = field(default=None, metadata=_CORE_STATE)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -5,6 +5,10 @@ order), then to waiting ones (first come, first served). A request's share is si
 `num_tokens - num_computed_tokens`, cut to the budget left, so long prompts are chunked across
 steps, prefix-cache hits skip ahead, and one step mixes prompt chunks with decode tokens.
 
+A request with a grammar (structured output) waits until its grammar is compiled; the others
+are scheduled past it. Each token accepted for it advances its grammar; a grammar that is
+complete ends the request (finish reason "stop").
+
 When the KV cache runs out, the most recently arrived running request is preempted by
 recompute: its blocks are freed and it goes back to the front of the waiting queue with
 `num_computed_tokens = 0`; its tokens so far are kept, so its final output is unchanged.
@@ -34,6 +38,7 @@ from pagedllm.engine.outputs import (
 )
 from pagedllm.engine.request import FinishReason, Request, RequestStatus
 from pagedllm.engine.stats import SchedulerStats
+from pagedllm.engine.structured_output import StructuredOutputRequest
 
 
 class Scheduler:
@@ -56,6 +61,9 @@ class Scheduler:
         self.num_history_reqs = 0
         # Sent back to the queue by `recover` since the last schedule(): the worker drops them.
         self._recovered_req_ids: set[str] = set()
+        # Outputs of requests failed outside a step (a grammar that did not compile), until
+        # the core takes them (`take_failed_outputs`).
+        self._failed_outputs: list[EngineCoreOutput] = []
 
     # ----- requests in and out -----
 
@@ -145,7 +153,9 @@ class Scheduler:
             )
             i += 1
 
-        # Then waiting ones, unless this step had to preempt (the cache is full).
+        # Then waiting ones, unless this step had to preempt (the cache is full); those whose
+        # grammar is still compiling keep their place in the queue.
+        compiling: list[Request] = []
         while (
             not preempted
             and self.waiting
@@ -153,6 +163,15 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
+            so = request.structured_output
+            if so is not None and not so.ready:
+                compiling.append(self.waiting.popleft())
+                continue
+            if so is not None and so.error is not None:
+                self.waiting.popleft()
+                reason = f"the request's structured output failed: {so.error}"
+                self._failed_outputs.append(self._fail(request, reason))
+                continue
             hit_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             new_blocks = self.kv_cache_manager.allocate_slots(
@@ -180,6 +199,8 @@ class Scheduler:
                 )
             )
 
+        self.waiting.extendleft(reversed(compiling))
+
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
@@ -199,8 +220,27 @@ class Scheduler:
             request.num_computed_tokens += n
             if request.num_computed_tokens == request.num_tokens_with_placeholders:
                 request.num_output_placeholders += 1  # this step samples its next token
+                if request.structured_output is not None:
+                    out.structured_output_request_ids.append(req_id)
         self.stats.num_preemptions += len(preempted)
         return out
+
+    def _fail(self, request: Request, reason: str) -> EngineCoreOutput:
+        """Ends a request (already off the queues) with an error; its output."""
+        request.status = RequestStatus.FINISHED_ERROR
+        self._free(request)
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[],
+            finish_reason=FinishReason.ERROR,
+            stop_reason=reason,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def take_failed_outputs(self) -> list[EngineCoreOutput]:
+        """The outputs of requests failed outside a step since the last call."""
+        outputs, self._failed_outputs = self._failed_outputs, []
+        return outputs
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
@@ -226,17 +266,7 @@ class Scheduler:
             self._dequeue(request)
             request.num_output_placeholders = 0
             if request.request_id in culprits:
-                request.status = RequestStatus.FINISHED_ERROR
-                self._free(request)
-                outputs.append(
-                    EngineCoreOutput(
-                        request_id=request.request_id,
-                        new_token_ids=[],
-                        finish_reason=FinishReason.ERROR,
-                        stop_reason=reason,
-                        num_cached_tokens=request.num_cached_tokens,
-                    )
-                )
+                outputs.append(self._fail(request, reason))
             else:
                 self._preempt(request)
                 self._recovered_req_ids.add(request.request_id)
@@ -262,9 +292,12 @@ class Scheduler:
             if not token_ids and new_prompt_logprobs is None:
                 continue  # a prompt chunk that sampled nothing
             new_ids: list[int] = []
+            so = request.structured_output
             for token_id in token_ids:
                 request.append_output_token_ids([token_id])
                 new_ids.append(token_id)
+                if so is not None and not self._advance_grammar(request, so, token_id):
+                    break
                 if request.check_stop():
                     break
             new_logprobs = logprobs[idx] if logprobs is not None else None
@@ -289,6 +322,20 @@ class Scheduler:
             self.stats.num_generation_tokens += len(new_ids)
         self.stats.num_steps += 1
         return outputs
+
+    @staticmethod
+    def _advance_grammar(request: Request, so: StructuredOutputRequest, token_id: int) -> bool:
+        """Advances the request's grammar by its new token; False when that ended the request:
+        the grammar is complete (stop), or it refused the token (an error: only when every
+        token was masked, e.g. min_tokens forbids the stop token a complete grammar needs)."""
+        if not so.accept(token_id, request.output_token_ids):
+            request.status = RequestStatus.FINISHED_ERROR
+            request.stop_reason = f"the grammar refused the sampled token {token_id}"
+            return False
+        if so.is_terminated:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return False
+        return True
 
     def make_stats(self) -> SchedulerStats:
         self.stats.num_running_reqs = len(self.running)

@@ -6,7 +6,7 @@ from typing import cast
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import StepHandle
-from pagedllm.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.worker.model_runner import InFlightStep
 from pagedllm.worker.worker import Worker
 
@@ -26,6 +26,9 @@ class UniProcExecutor:
 
     def launch_model(self, scheduler_output: SchedulerOutput) -> StepHandle:
         return self.worker.launch_model(scheduler_output)
+
+    def sample_tokens(self, handle: StepHandle, grammar: GrammarOutput) -> None:
+        self.worker.sample_tokens(cast(InFlightStep | None, handle), grammar)
 
     def collect_output(self, handle: StepHandle) -> ModelRunnerOutput:
         # NOTE: the handle is what `launch_model` returned: the worker's in-flight step.

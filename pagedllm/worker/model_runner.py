@@ -30,7 +30,7 @@ from pagedllm.attention.layer import Attention
 from pagedllm.attention.utils import build_step_inputs
 from pagedllm.config import EngineConfig
 from pagedllm.engine.exceptions import RequestPreparationError
-from pagedllm.engine.outputs import Logprobs, ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.outputs import GrammarOutput, Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.linear import LinearBase
 from pagedllm.models.interface import CausalLM
@@ -74,15 +74,17 @@ class StepInputs:
 
 @dataclass
 class InFlightStep:
-    """A launched step: what `collect` needs to finish it."""
+    """A launched step: what `collect` needs to finish it. Until it is sampled (`results` is
+    None: a step waiting for its grammar bitmask) it holds its `logits`."""
 
     step_id: int
     inputs: StepInputs
-    results: PendingHost  # sampled ids, then the sampled and the prompt logprobs if any
-    has_sampled_lp: bool
-    has_prompt_lp: bool
-    positions: np.ndarray  # where each sampled id goes in its row
-    generations: np.ndarray  # the sampled rows' generations at launch
+    logits: torch.Tensor | None  # the rows that sample, then the prompt-logprob rows
+    results: PendingHost | None = None  # sampled ids, then the sampled and prompt logprobs
+    has_sampled_lp: bool = False
+    has_prompt_lp: bool = False
+    positions: np.ndarray | None = None  # where each sampled id goes in its row
+    generations: np.ndarray | None = None  # the sampled rows' generations at launch
 
 
 class ModelRunner:
@@ -366,7 +368,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> InFlightStep | None:
-        """Queues the step's work on the device; returns None when nothing runs."""
+        """Queues the step's work on the device; returns None when nothing runs. A step with
+        constrained rows queues its forward only: `sample_tokens` brings their bitmask."""
         self._update_states(out)
         if out.is_empty:
             return None
@@ -398,9 +401,46 @@ class ModelRunner:
                 indices = F.pad(indices, (0, padded - num_rows))
             sampling_hidden = hidden[indices]
         logits = self.model.compute_logits(sampling_hidden)[:num_rows]
+        step = InFlightStep(step_id=self._step_id, inputs=inputs, logits=logits)
+        if not out.structured_output_request_ids:
+            self._sample(step, None)
+        return step
+
+    @torch.inference_mode()
+    def sample_tokens(self, step: InFlightStep | None, grammar: GrammarOutput) -> None:
+        """Queues the sampling of a launched step with its constrained rows' bitmask."""
+        if step is not None:
+            self._sample(step, grammar)
+
+    def _grammar_rows(
+        self, inputs: StepInputs, grammar: GrammarOutput
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The grammar's bitmask rows of requests that sample this step, and where they go
+        among the sampled rows (None: row for row)."""
+        sampled = [inputs.req_ids[i] for i in np.flatnonzero(inputs.sample_mask).tolist()]
+        if grammar.req_ids == sampled:
+            return grammar.bitmask, None
+        where = {req_id: k for k, req_id in enumerate(sampled)}
+        keep = [i for i, r in enumerate(grammar.req_ids) if r in where]
+        rows = np.fromiter((where[grammar.req_ids[i]] for i in keep), np.int64, len(keep))
+        return grammar.bitmask[keep], rows
+
+    def _sample(self, step: InFlightStep, grammar: GrammarOutput | None) -> None:
+        """Samples the step's rows (their logits are queued), queues the prompt logprobs and
+        the results' copies to the host, and puts placeholders for the ids in the batch."""
+        inputs, logits = step.inputs, step.logits
+        assert logits is not None, "a step is sampled once"
+        step.logits = None
+        plan = inputs.prompt_logprobs
+        num_sampled = len(inputs.sample_rows)
         md = self.input_batch.make_sampling_metadata(
             inputs.sample_rows, self.stager, self.sampler.rng
         )
+        if grammar is not None and len(grammar.req_ids):
+            bitmask, rows = self._grammar_rows(inputs, grammar)
+            if len(bitmask):
+                md.token_bitmask = self.stager.to_device(bitmask)
+                md.token_bitmask_rows = None if rows is None else self.stager.to_device(rows)
         sampled = self.sampler.sample(logits[:num_sampled], md)
         prompt_lp = None
         if plan is not None:
@@ -413,24 +453,20 @@ class ModelRunner:
                 tensors += [lp.token_ids, lp.logprobs, lp.ranks]
         batch = self.input_batch
         rows = inputs.sample_rows
-        generations = batch.generation[rows]
-        positions = batch.add_placeholders(rows, self._step_id)
-        self._last_sampled = (self._step_id, sampled.token_ids)
-        return InFlightStep(
-            step_id=self._step_id,
-            inputs=inputs,
-            results=self.stager.to_host(tensors),
-            has_sampled_lp=sampled.logprobs is not None,
-            has_prompt_lp=prompt_lp is not None,
-            positions=positions,
-            generations=generations,
-        )
+        step.generations = batch.generation[rows]
+        step.positions = batch.add_placeholders(rows, step.step_id)
+        self._last_sampled = (step.step_id, sampled.token_ids)
+        step.results = self.stager.to_host(tensors)
+        step.has_sampled_lp = sampled.logprobs is not None
+        step.has_prompt_lp = prompt_lp is not None
 
     def collect(self, step: InFlightStep | None) -> ModelRunnerOutput:
         """Waits for a launched step's results (the one host sync of a step) and builds its
         output; its sampled ids enter the rows still held by the same requests."""
         if step is None:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        assert step.results is not None, "a step is sampled before it is collected"
+        assert step.positions is not None and step.generations is not None
         host = iter(step.results.wait())
         token_ids = next(host)
         sampled_lp = HostLogprobs(*(next(host) for _ in range(3))) if step.has_sampled_lp else None

@@ -14,7 +14,7 @@ from pagedllm.attention.backend import get_attention_backend
 from pagedllm.attention.layer import Attention
 from pagedllm.config import EngineConfig
 from pagedllm.engine.kv_cache_spec import KVCacheSpec, block_bytes
-from pagedllm.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.utils import cdiv
 from pagedllm.worker.model_runner import InFlightStep, ModelRunner
 
@@ -136,6 +136,9 @@ class Worker:
 
     def launch_model(self, scheduler_output: SchedulerOutput) -> InFlightStep | None:
         return self.model_runner.launch(scheduler_output)
+
+    def sample_tokens(self, step: InFlightStep | None, grammar: GrammarOutput) -> None:
+        self.model_runner.sample_tokens(step, grammar)
 
     def collect_output(self, step: InFlightStep | None) -> ModelRunnerOutput:
         return self.model_runner.collect(step)

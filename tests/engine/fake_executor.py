@@ -6,7 +6,7 @@ the real runner's are on the device); `collect_output` hands the result over lat
 
 from __future__ import annotations
 
-from pagedllm.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 
 
 class FakeExecutor:
@@ -15,6 +15,7 @@ class FakeExecutor:
         self.vocab_size = vocab_size
         self.tokens: dict[str, list[int]] = {}
         self.steps: list[SchedulerOutput] = []
+        self.grammars: list[GrammarOutput] = []
 
     def determine_num_blocks(self) -> int:
         return self.num_blocks
@@ -30,6 +31,9 @@ class FakeExecutor:
 
     def collect_output(self, handle: ModelRunnerOutput) -> ModelRunnerOutput:
         return handle
+
+    def sample_tokens(self, handle: ModelRunnerOutput, grammar: GrammarOutput) -> None:
+        self.grammars.append(grammar)
 
     def abandon_steps(self) -> None:
         pass

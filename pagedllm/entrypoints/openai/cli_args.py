@@ -89,6 +89,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="CORS: the origins browsers may call from, or '*' (default: no CORS headers)",
     )
     parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='tool_choice "auto": the model calls tools in its own syntax (needs --tool-call-parser)',
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="the syntax of the model's tool calls: hermes, llama3_json, mistral, qwen3_xml, "
+        "qwen3_coder, pythonic",
+    )
+    parser.add_argument(
         "--uvicorn-log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -145,7 +156,19 @@ def serving_config_from_cli(
         metrics_unauthenticated=ns.metrics_unauthenticated,
         trust_request_chat_template=ns.trust_request_chat_template,
         allowed_origins=tuple(ns.allowed_origins) if ns.allowed_origins else None,
+        enable_auto_tool_choice=ns.enable_auto_tool_choice,
+        tool_call_parser=_tool_call_parser(ns),
     )
+
+
+def _tool_call_parser(ns: argparse.Namespace) -> str | None:
+    from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser
+
+    if ns.tool_call_parser is not None:
+        get_tool_parser(ns.tool_call_parser)  # NOTE: an unknown name fails the start-up
+    elif ns.enable_auto_tool_choice:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    return ns.tool_call_parser
 
 
 def _positive(value: Any, flag: str) -> Any:

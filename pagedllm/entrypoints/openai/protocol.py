@@ -13,7 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams, is_valid_text
+from pagedllm.sampling_params import (
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+    is_valid_text,
+)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -100,6 +105,63 @@ class _SamplingFields(OpenAIBaseModel):
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     echo: bool | None = False
+    # Structured output: OpenAI's response_format; vLLM's extra body and its older names
+    # (guided_decoding_backend and guided_whitespace_pattern are taken and ignored: xgrammar).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Text | dict[str, Any] | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    guided_decoding_backend: Text | None = None
+    guided_whitespace_pattern: Text | None = None
+
+    @property
+    def structured_outputs_source(self) -> str | None:
+        """The field that asks for structured output (the one its errors name), if any."""
+        given = self._structured_sources()
+        return given[0] if given else None
+
+    def _structured_sources(self) -> list[str]:
+        given = [
+            name for name in ("structured_outputs", *_GUIDED) if getattr(self, name) is not None
+        ]
+        if (self.response_format or {}).get("type", "text") != "text":
+            given.insert(0, "response_format")
+        return given
+
+    def structured_outputs_kwargs(self) -> dict[str, Any] | None:
+        """The StructuredOutputsParams keywords the request asks for (None: none); ValueError
+        (naming the field) for a malformed one or for two at once."""
+        given = self._structured_sources()
+        if not given:
+            return None
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give one of {' and '.join(given)}, not both")
+        source = given[0]
+        if source == "structured_outputs":
+            assert self.structured_outputs is not None
+            return dict(self.structured_outputs)
+        if source in _GUIDED:
+            return {_GUIDED[source]: getattr(self, source)}
+        fmt = self.response_format or {}
+        kind = fmt.get("type")
+        if kind == "json_object":
+            return {"json_object": True}
+        if kind != "json_schema":
+            raise ValueError(
+                f"response_format: type must be 'text', 'json_object' or 'json_schema', got "
+                f"{kind!r}"
+            )
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ValueError("response_format: json_schema must be an object")
+        schema = spec.get("schema")
+        if schema is None:
+            raise ValueError("response_format: json_schema.schema is missing")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format: json_schema.schema must be an object")
+        return {"json": schema}
 
     def _sampling_kwargs(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """The SamplingParams keywords: the fields given, else `defaults` (the generation
@@ -131,11 +193,29 @@ class _SamplingFields(OpenAIBaseModel):
         kwargs["output_kind"] = (
             RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY
         )
+        spec = self.structured_outputs_kwargs()
+        if spec is not None:
+            source = self.structured_outputs_source
+            try:
+                kwargs["structured_outputs"] = StructuredOutputsParams(**spec)
+            except TypeError as e:  # an unknown key of `structured_outputs`
+                raise ValueError(f"{source}: {e}") from e
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from e
         return kwargs
 
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+# The older names of vLLM's structured output, and the StructuredOutputsParams field of each.
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
 
 
 # ----- /v1/completions -----
@@ -208,6 +288,11 @@ class ChatMessage(OpenAIBaseModel):
     role: Text
     content: Text | list[dict[str, Any]] | None = None
     name: Text | None = None
+    # An assistant's calls (OpenAI's shape: id, type, function {name, arguments as JSON text}),
+    # and a tool message's answer to one of them.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: Text | None = None
+    reasoning_content: Text | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -217,7 +302,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = True
     # vLLM's chat extras.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -252,9 +337,22 @@ class ChatLogProbs(BaseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -275,9 +373,23 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobsOut | None = None
 
 
+class DeltaFunctionCallOut(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCallOut(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCallOut | None = None
+
+
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCallOut] = Field(default_factory=list)
 
 
 class ChatCompletionStreamChoice(BaseModel):

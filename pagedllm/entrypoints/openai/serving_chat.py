@@ -1,6 +1,7 @@
-"""POST /v1/chat/completions: the conversation is rendered through the chat template (the same
-function `LLM.chat` uses), then sampled `n` times. Text-only: content parts other than text,
-tools and structured response formats are refused with a 400 rather than silently ignored."""
+"""POST /v1/chat/completions: the conversation (with its tools, tool calls and tool answers) is
+rendered through the chat template (the same function `LLM.chat` uses), then sampled `n` times;
+each choice's text becomes `reasoning_content`, `content` and `tool_calls` (chat_tools.py).
+Text-only: content parts other than text are refused with a 400 rather than silently ignored."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from contextlib import aclosing
 from typing import Any
 
 from pagedllm.engine.input_processor import CheckedInput, render_chat
+from pagedllm.entrypoints.openai.chat_tools import (
+    KEEP_SPECIAL_TOKENS,
+    ChoiceParser,
+    ToolSetup,
+    resolve_tools,
+    template_messages,
+)
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -20,7 +28,11 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatLogProbs,
     ChatMessage,
     ChatResponseMessage,
+    DeltaFunctionCallOut,
     DeltaMessage,
+    DeltaToolCallOut,
+    FunctionCallOut,
+    ToolCallOut,
     usage,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
@@ -33,6 +45,7 @@ from pagedllm.entrypoints.openai.serving_engine import (
     sse_error,
 )
 from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import StructuredOutputsParams
 
 ROLE = "assistant"
 
@@ -51,8 +64,10 @@ def message_dict(message: ChatMessage) -> dict[str, Any]:
             texts.append(part["text"])
         content = "\n".join(texts)
     out: dict[str, Any] = {"role": message.role, "content": content or ""}
-    if message.name is not None:
-        out["name"] = message.name
+    for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        value = getattr(message, key)
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -64,6 +79,7 @@ class OpenAIServingChat(OpenAIServing):
         add_generation_prompt: bool,
         continue_final_message: bool,
         chat_template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """The conversation → {"prompt": text, "prompt_token_ids": ids}; template errors are 400s."""
         if not messages:
@@ -75,7 +91,7 @@ class OpenAIServingChat(OpenAIServing):
                 param="chat_template",
             )
         self.check_count(messages, self.config.max_messages, "messages")
-        conversation = [message_dict(m) for m in messages]
+        conversation = template_messages([message_dict(m) for m in messages])
         tokenizer = self.need_tokenizer("chat")
         try:
             return render_chat(
@@ -85,6 +101,7 @@ class OpenAIServingChat(OpenAIServing):
                 add_generation_prompt,
                 continue_final_message,
                 chat_template_kwargs,
+                tools,
             )
         except Exception as e:  # jinja2 errors (raise_exception in templates), bad kwargs
             raise OpenAIError(f"could not apply the chat template: {e}", param="messages") from e
@@ -95,6 +112,15 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         self.check_engine()
         self._check_unsupported(request)
+        setup = resolve_tools(
+            request.tools, request.tool_choice, request.parallel_tool_calls, self.auto_tool_parser
+        )
+        if setup.schema is not None and request.structured_outputs_source is not None:
+            raise OpenAIError(
+                f"tool_choice {request.tool_choice!r} and {request.structured_outputs_source} "
+                "both constrain the output: give one",
+                param="tool_choice",
+            )
         prompt = await self.off_loop(
             self.render,
             request.messages,
@@ -102,6 +128,7 @@ class OpenAIServingChat(OpenAIServing):
             request.add_generation_prompt,
             request.continue_final_message,
             request.chat_template_kwargs,
+            setup.tools,
         )
         ids = self.check_token_ids(prompt["prompt_token_ids"], "messages")
         max_tokens = self.max_tokens_for(
@@ -110,7 +137,12 @@ class OpenAIServingChat(OpenAIServing):
             "messages",
             "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens",
         )
-        params = self.sampling_params(request, max_tokens)
+        structured = None
+        if setup.schema is not None:
+            structured = StructuredOutputsParams(json=setup.schema)
+        params = self.sampling_params(request, max_tokens, structured)
+        if setup.mode == "auto" and self.config.tool_call_parser in KEEP_SPECIAL_TOKENS:
+            params.skip_special_tokens = False  # NOTE: the parser reads its special markers
         last = request.messages[-1]
         echo = ""
         if request.echo and last.role == ROLE:
@@ -119,20 +151,16 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         gen = self.engine.generate(CheckedInput(prompt["prompt"], ids, params), None, request_id)
         if request.stream:
-            return self._stream(request, request_id, len(ids), echo, gen)
+            return self._stream(request, request_id, len(ids), echo, gen, setup)
         final = await collect_final(gen)
         if final is None:
             raise OpenAIError("the engine returned no output", 500)
-        return self._response(request, request_id, echo, final)
+        return self._response(request, request_id, echo, final, setup)
+
+    def _parser(self, setup: ToolSetup) -> ChoiceParser:
+        return ChoiceParser(setup, self.reasoning_parser_cls)
 
     def _check_unsupported(self, request: ChatCompletionRequest) -> None:
-        if request.tools and request.tool_choice != "none":
-            raise OpenAIError("tools are not supported", param="tools")
-        fmt = (request.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise OpenAIError(
-                f"response_format {fmt!r} is not supported (only 'text')", param="response_format"
-            )
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
 
@@ -144,19 +172,39 @@ class OpenAIServingChat(OpenAIServing):
         return self.chat_logprobs(out.token_ids, out.logprobs or [], request.top_logprobs or 0)
 
     def _response(
-        self, request: ChatCompletionRequest, request_id: str, echo: str, final: RequestOutput
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        echo: str,
+        final: RequestOutput,
+        setup: ToolSetup,
     ) -> ChatCompletionResponse:
         outputs = sorted(final.outputs, key=lambda o: o.index)
-        choices = [
-            ChatCompletionResponseChoice(
-                index=out.index,
-                message=ChatResponseMessage(role=ROLE, content=echo + out.text),
-                logprobs=self._logprobs(request, out),
-                finish_reason=out.finish_reason,
-                stop_reason=out.stop_reason,
+        choices = []
+        for out in outputs:
+            parser = self._parser(setup)
+            parsed = parser.whole(out.text, complete=out.finish_reason == "stop")
+            content = parsed.content
+            if echo:
+                content = echo + (content or "")
+            message = ChatResponseMessage(
+                role=ROLE,
+                content=content,
+                reasoning_content=parsed.reasoning_content,
+                tool_calls=[
+                    ToolCallOut(id=c.id, function=FunctionCallOut(**vars(c.function)))
+                    for c in parsed.tool_calls
+                ],
             )
-            for out in outputs
-        ]
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=out.index,
+                    message=message,
+                    logprobs=self._logprobs(request, out),
+                    finish_reason=_finish_reason(out.finish_reason, parser),
+                    stop_reason=out.stop_reason,
+                )
+            )
         num_generated = sum(len(o.token_ids) for o in outputs)
         return ChatCompletionResponse(
             id=request_id,
@@ -173,8 +221,10 @@ class OpenAIServingChat(OpenAIServing):
         num_prompt_tokens: int,
         echo: str,
         gen: Any,
+        setup: ToolSetup,
     ) -> AsyncIterator[str]:
         created = int(time.time())
+        parsers: dict[int, ChoiceParser] = {}
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage_info: Any = None) -> str:
             body = ChatCompletionStreamResponse(
@@ -187,19 +237,30 @@ class OpenAIServingChat(OpenAIServing):
         try:
             # The role first, for every choice (with the echoed text, if any), as OpenAI does.
             for index in range(request.n or 1):
-                delta = DeltaMessage(role=ROLE, content=echo)
-                yield chunk([ChatCompletionStreamChoice(index=index, delta=delta)])
+                first = DeltaMessage(role=ROLE, content=echo)
+                yield chunk([ChatCompletionStreamChoice(index=index, delta=first)])
             async with aclosing(gen):
                 async for res in gen:
                     for out in res.outputs:
                         num_generated += len(out.token_ids)
-                        if nothing_to_send(out.text, out, bool(request.logprobs)):
+                        parser = parsers.get(out.index)
+                        if parser is None:
+                            parser = parsers[out.index] = self._parser(setup)
+                        delta = _delta_out(parser.stream(out.text) if out.text else None)
+                        if out.finish_reason is not None:
+                            complete = out.finish_reason == "stop"
+                            rest = _delta_out(parser.finish(complete))
+                            delta = _joined(delta, rest)
+                        empty = delta is None or not (
+                            delta.content or delta.reasoning_content or delta.tool_calls
+                        )
+                        if empty and nothing_to_send("", out, bool(request.logprobs)):
                             continue
                         choice = ChatCompletionStreamChoice(
                             index=out.index,
-                            delta=DeltaMessage(content=out.text),
+                            delta=delta or DeltaMessage(),
                             logprobs=self._logprobs(request, out),
-                            finish_reason=out.finish_reason,
+                            finish_reason=_finish_reason(out.finish_reason, parser),
                             stop_reason=out.stop_reason,
                         )
                         yield chunk([choice])
@@ -208,3 +269,36 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as e:
             yield sse_error(e)
         yield SSE_DONE
+
+
+def _finish_reason(reason: str | None, parser: ChoiceParser) -> str | None:
+    """ "tool_calls" for an output that ended by itself with calls (as OpenAI)."""
+    return "tool_calls" if reason == "stop" and parser.tools_called else reason
+
+
+def _delta_out(delta: Any) -> DeltaMessage | None:
+    """chat_tools' delta as the response's."""
+    if delta is None:
+        return None
+    calls = [
+        DeltaToolCallOut(
+            index=c.index,
+            id=c.id,
+            type=c.type,
+            function=None if c.function is None else DeltaFunctionCallOut(**vars(c.function)),
+        )
+        for c in delta.tool_calls
+    ]
+    return DeltaMessage(
+        content=delta.content, reasoning_content=delta.reasoning_content, tool_calls=calls
+    )
+
+
+def _joined(a: DeltaMessage | None, b: DeltaMessage | None) -> DeltaMessage | None:
+    if a is None or b is None:
+        return a or b
+    return DeltaMessage(
+        content=((a.content or "") + (b.content or "")) or None,
+        reasoning_content=((a.reasoning_content or "") + (b.reasoning_content or "")) or None,
+        tool_calls=a.tool_calls + b.tool_calls,
+    )

@@ -29,7 +29,7 @@ from pagedllm.entrypoints.openai.protocol import (
     PromptLogprobsOut,
 )
 from pagedllm.outputs import CompletionOutput, Logprob, PromptLogprobs, SampleLogprobs
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 
@@ -63,6 +63,9 @@ class ServingConfig:
     # Whether a request may bring its own chat template (Jinja runs in the tokenizer thread:
     # an untrusted template could loop for ever there). vLLM's --trust-request-chat-template.
     trust_request_chat_template: bool = False
+    # Tool calling: tool_choice "auto" reads the model's own call syntax with this parser.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 def random_id(prefix: str) -> str:
@@ -99,6 +102,14 @@ class OpenAIServing:
         # The generation config's defaults for the sampling fields a request leaves out.
         self.sampling_defaults: dict[str, Any] = dict(self.model_config.sampling_defaults)
         self.model_name = config.served_model_names[0]
+        from pagedllm.entrypoints.openai.reasoning_parsers import get_reasoning_parser
+        from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser
+
+        self.auto_tool_parser = None
+        if config.enable_auto_tool_choice and config.tool_call_parser is not None:
+            self.auto_tool_parser = get_tool_parser(config.tool_call_parser)
+        reasoning = getattr(engine.config, "reasoning_parser", None)
+        self.reasoning_parser_cls = get_reasoning_parser(reasoning) if reasoning else None
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the engine's tokenizer thread (tokenizing, chat templates): never on
@@ -193,9 +204,14 @@ class OpenAIServing:
             )
         return requested
 
-    def sampling_params(self, request: Any, max_tokens: int) -> SamplingParams:
-        """The request's SamplingParams, checked by the engine's input processor: the engine's
-        own copy, for a `CheckedInput` (with ids that passed `check_token_ids` and
+    def sampling_params(
+        self,
+        request: Any,
+        max_tokens: int,
+        structured_outputs: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
+        """The request's SamplingParams (with `structured_outputs`, if given, as its constraint),
+        checked by the engine's input processor: the engine's own copy, for a `CheckedInput` (with ids that passed `check_token_ids` and
         `max_tokens_for`), which the engine runs without checking again."""
         if request.stream and request.prompt_logprobs is not None:
             raise OpenAIError(
@@ -204,8 +220,15 @@ class OpenAIServing:
         fields = tuple(type(request).model_fields)
         try:
             params: SamplingParams = request.to_sampling_params(max_tokens, self.sampling_defaults)
+            if structured_outputs is not None:  # the tools' grammar (tool_choice)
+                params.structured_outputs = structured_outputs
             return self.input_processor.check_params(params)
         except ValueError as e:
+            source = request.structured_outputs_source
+            if source is not None and str(e).startswith("structured_outputs"):
+                # NOTE: the engine's check names its own field; the client used `source`.
+                message = str(e) if source == "structured_outputs" else f"{source}: {e}"
+                raise OpenAIError(message, param=source) from e
             raise to_openai_error(e, fields) from e
 
     # ----- logprobs -----

@@ -98,13 +98,17 @@ def _sample_kernel(
     logits_ptr,
     inv_temp_ptr,
     keys_ptr,
+    mask_ptr,
+    mask_index_ptr,
     score_ptr,
     index_ptr,
     vocab,
     stride_row,
+    mask_stride,
     chunk_size,
     num_chunks,
     SAMPLE: tl.constexpr,
+    MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     FAST_LOG: tl.constexpr,
 ):
@@ -114,6 +118,9 @@ def _sample_kernel(
     end = tl.minimum(start + chunk_size, vocab)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     lanes = tl.arange(0, BLOCK)
+    if MASKED:
+        mask_row = tl.load(mask_index_ptr + row)  # the row's bitmask row, or -1: unmasked
+        words_ptr = mask_ptr + tl.maximum(mask_row, 0).to(tl.int64) * mask_stride
     if SAMPLE:
         inv_temp = tl.load(inv_temp_ptr + row)
         noisy = inv_temp != 0.0  # else a greedy row
@@ -128,6 +135,10 @@ def _sample_kernel(
     for off in range(start, end, BLOCK):
         idx = off + lanes
         x = tl.load(row_ptr + idx, mask=idx < end, other=float("-inf")).to(tl.float32)
+        if MASKED:  # noqa: SIM102 (as below)
+            if mask_row >= 0:  # the grammar's bitmask: bit idx % 32 of word idx // 32
+                word = tl.load(words_ptr + idx // 32, mask=idx < end, other=0)
+                x = tl.where(((word >> (idx % 32)) & 1) != 0, x, float("-inf"))
         score = x
         if SAMPLE:  # noqa: SIM102 (`noisy` exists only with SAMPLE; Triton's `and` needs both)
             if noisy:
@@ -158,6 +169,8 @@ def sample_rows(
     inv_temperature: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     *,
+    bitmask: torch.Tensor | None = None,
+    bitmask_index: torch.Tensor | None = None,
     chunk_size: int | None = None,
     block: int = BLOCK,
     num_warps: int = NUM_WARPS,
@@ -167,6 +180,11 @@ def sample_rows(
     `inv_temperature` (fp32 [R]: 1 / T, or 0 for a greedy row) and `keys` (int64 [R], the rows'
     noise keys) are both given, or both None: every row greedy (exactly `logits.argmax(-1)`,
     barring NaN). A row whose entries are all -inf gets id 0; otherwise -inf entries never win.
+
+    `bitmask` (int32 [M, ceil(V / 32)], xgrammar's layout: a grammar's allowed tokens) and
+    `bitmask_index` (int32 [R]: row r reads bitmask row `bitmask_index[r]`, or none if -1): the
+    forbidden tokens of a masked row are -inf, read in the same pass (as `ops.apply_token_bitmask`
+    would set them, without writing the logits).
     """
     if logits.dim() != 2 or logits.dtype not in DTYPES or logits.stride(1) != 1:
         raise ValueError(
@@ -185,21 +203,37 @@ def sample_rows(
             raise ValueError(f"inv_temperature must be float32 [{rows}]")
         if keys.shape != (rows,) or keys.dtype != torch.int64:
             raise ValueError(f"keys must be int64 [{rows}]")
+    masked = bitmask is not None
+    if masked != (bitmask_index is not None):
+        raise ValueError("sample_rows: give both bitmask and bitmask_index, or neither")
+    if masked:
+        assert bitmask is not None and bitmask_index is not None
+        words = triton.cdiv(vocab, 32)
+        if bitmask.dim() != 2 or bitmask.dtype != torch.int32 or bitmask.shape[1] != words:
+            raise ValueError(f"bitmask must be int32 [rows, {words}], got {tuple(bitmask.shape)}")
+        if bitmask.stride(1) != 1:
+            bitmask = bitmask.contiguous()
+        if bitmask_index.shape != (rows,) or bitmask_index.dtype != torch.int32:
+            raise ValueError(f"bitmask_index must be int32 [{rows}]")
     num_chunks, chunk = chunking(rows, vocab, chunk_size, block)
     scores = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     indices = torch.empty(rows, num_chunks, dtype=torch.int64, device=logits.device)
-    dummy = scores  # never read when SAMPLE is off
+    dummy = scores  # never read when SAMPLE (MASKED) is off
     _sample_kernel[(rows, num_chunks)](
         logits,
         inv_temperature if sample else dummy,
         keys if sample else dummy,
+        bitmask if masked else dummy,
+        bitmask_index if masked else dummy,
         scores,
         indices,
         vocab,
         logits.stride(0),
+        bitmask.stride(0) if bitmask is not None else 0,
         chunk,
         num_chunks,
         SAMPLE=sample,
+        MASKED=masked,
         BLOCK=block,
         FAST_LOG=logits.is_cuda,
         num_warps=num_warps,
@@ -212,10 +246,17 @@ def sample_rows(
 
 def warm_up(logits: torch.Tensor) -> None:
     """Compiles the kernel's variants for `logits`' dtype and fp32 (processed logits), greedy
-    and sampling, so that no request waits for Triton's JIT."""
+    and sampling, and with a bitmask for `logits`' dtype, so that no request waits for Triton's
+    JIT."""
     rows = logits.shape[0]
     inv_temp = torch.ones(rows, dtype=torch.float32, device=logits.device)
     keys = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     for x in dict.fromkeys((logits, logits.float())):
         sample_rows(x)
         sample_rows(x, inv_temp, keys)
+    # A grammar's bitmask is read in the pass when nothing else processes the logits.
+    bitmask = torch.full((1, triton.cdiv(logits.shape[1], 32)), -1, dtype=torch.int32)
+    bitmask = bitmask.to(logits.device)
+    index = torch.zeros(rows, dtype=torch.int32, device=logits.device)
+    sample_rows(logits, bitmask=bitmask, bitmask_index=index)
+    sample_rows(logits, inv_temp, keys, bitmask=bitmask, bitmask_index=index)

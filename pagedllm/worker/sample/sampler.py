@@ -50,7 +50,8 @@ class SamplerOutput:
 
 
 def _has_processors(md: SamplingMetadata) -> bool:
-    processors = (md.token_bitmask, md.allowed, md.banned, md.logit_bias, md.penalties)
+    """Whether any row's logits change before the draw, the grammar's bitmask aside."""
+    processors = (md.allowed, md.banned, md.logit_bias, md.penalties)
     return any(p is not None for p in processors)
 
 
@@ -96,24 +97,29 @@ class Sampler:
         """The logits every draw reads (fp32 unless the kernel can read them as they are), and
         the raw logprobs if a row asked for logprobs."""
         # NOTE: the kernel reads any float dtype: it needs fp32 logits only when they change.
-        if (
-            not self.use_kernel
-            or _has_processors(md)
-            or _has_filters(md)
-            or md.max_num_logprobs is not None
-        ):
+        if not self._kernel_reads_as_is(md):
             logits = logits.float()
-        # ----- structured output: the grammar's token bitmask -----
-        # NOTE: first, before the raw logprobs (vLLM applies it to the logits it samples from):
-        # a token the grammar forbids is never drawn, on either path, greedy or not, and its
-        # logprob is -inf. Filled by a structured-output manager (a later issue).
-        if md.token_bitmask is not None:
-            apply_token_bitmask(logits, md.token_bitmask, md.token_bitmask_rows)
+            # ----- structured output: the grammar's token bitmask -----
+            # NOTE: first, before the raw logprobs (vLLM applies it to the logits it samples
+            # from): a token the grammar forbids is never drawn, on either path, greedy or not,
+            # and its logprob is -inf. Else the kernel reads the bitmask in its pass (`draw`).
+            if md.token_bitmask is not None:
+                apply_token_bitmask(logits, md.token_bitmask, md.token_bitmask_rows)
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = logits.log_softmax(dim=-1)
         apply_logits_processors(logits, md)
         return logits, raw_logprobs
+
+    def _kernel_reads_as_is(self, md: SamplingMetadata) -> bool:
+        """Whether the kernel draws from the model's logits as they are (the grammar's bitmask,
+        if any, read in its pass): nothing changes them, filters them or takes their logprobs."""
+        return (
+            self.use_kernel
+            and not _has_processors(md)
+            and not _has_filters(md)
+            and md.max_num_logprobs is None
+        )
 
     def draw(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """The ids from processed logits (`process_logits`), by the path of `rng`."""
@@ -131,8 +137,7 @@ class Sampler:
         sampled = random_sample(logits.softmax(dim=-1), md.generator, md.generators)
         return sampled if greedy is None else torch.where(greedy_rows, greedy, sampled)
 
-    @staticmethod
-    def _sample_kernel(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def _sample_kernel(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """The ids from one pass of `kernels.sample_rows`. Rows with min_p / top-k / top-p get
         the torch masks (on `logits` scaled by 1 / T, as `_sample`), and the kernel then draws
         from `logits` with the masked entries at -inf: a row without those parameters reads
@@ -140,8 +145,11 @@ class Sampler:
         not depend on its neighbours' parameters. Greedy rows read the unmasked logits."""
         from pagedllm.worker.sample import kernels
 
+        bitmask = index = None
+        if md.token_bitmask is not None and self._kernel_reads_as_is(md):
+            bitmask, index = md.token_bitmask, _bitmask_index(logits, md)
         if md.all_greedy:
-            return kernels.sample_rows(logits)
+            return kernels.sample_rows(logits, bitmask=bitmask, bitmask_index=index)
         assert md.temperature is not None
         assert md.sample_keys is not None, "the kernel path needs SamplingRNG's sample keys"
         inv_temp = md.inv_temperature
@@ -155,4 +163,17 @@ class Sampler:
             if not md.all_random:
                 dropped &= ~greedy_rows.unsqueeze(1)
             logits = logits.masked_fill(dropped, float("-inf"))
-        return kernels.sample_rows(logits, inv_temp, md.sample_keys)
+        return kernels.sample_rows(
+            logits, inv_temp, md.sample_keys, bitmask=bitmask, bitmask_index=index
+        )
+
+
+def _bitmask_index(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """int32 [R]: the bitmask row each logits row reads (-1: none)."""
+    rows = md.token_bitmask_rows
+    n = logits.shape[0]
+    if rows is None:
+        return torch.arange(n, dtype=torch.int32, device=logits.device)
+    index = torch.full((n,), -1, dtype=torch.int32, device=logits.device)
+    index[rows] = torch.arange(rows.shape[0], dtype=torch.int32, device=logits.device)
+    return index

@@ -308,7 +308,7 @@ def test_sampler_filters_keep_unfiltered_rows_draws() -> None:
 
 
 def test_sampler_applies_the_token_bitmask_first() -> None:
-    """The bitmask makes the kernel read the fp32 copy; every id (greedy or sampled, a top-k row
+    """With a filter, the bitmask is applied to the fp32 copy before it; every id (greedy or sampled, a top-k row
     among them) is allowed; rows left out of the bitmask draw exactly as without one."""
     x, inv, keys = mixed_rows(1000, 12)
     x, inv, keys = x[[0, 1, 2, 3, 6, 7]], inv[[0, 1, 2, 3, 6, 7]], keys[[0, 1, 2, 3, 6, 7]]
@@ -327,6 +327,74 @@ def test_sampler_applies_the_token_bitmask_first() -> None:
     assert got[2] == masked[1].argmax(), "the greedy row: the argmax of its allowed tokens"
     assert torch.equal(got[[1, 4]], plain[[1, 4]]), "rows without a bitmask"
     assert not torch.equal(got[[0, 5]], plain[[0, 5]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_reads_the_bitmask_in_its_pass(dtype) -> None:
+    """`sample_rows(..., bitmask=, bitmask_index=)` draws exactly what the kernel draws from the
+    logits with the forbidden tokens at -inf (`ops.apply_token_bitmask`), greedy and sampled,
+    for the masked rows; an index of -1 leaves a row as without a bitmask. A vocabulary that
+    is not a multiple of 32 (the last word's extra bits are garbage) and of the block."""
+    from pagedllm.worker.sample.ops import apply_token_bitmask
+
+    vocab = 1000
+    keep = [0, 1, 2, 3, 6, 7]  # NOTE: not the all -inf row (its id 0 may be forbidden)
+    x, inv, keys = (t[keep] for t in mixed_rows(vocab, 17))
+    (xd,) = dev(x.to(dtype))
+    bitmask = random_bitmask(4, vocab, seed=21, density=0.1)
+    index = torch.tensor([2, -1, 0, 3, -1, 1], dtype=torch.int32)
+    bitmask_d, index_d = dev(bitmask, index)
+    masked = xd.float().clone()
+    rows_with = torch.tensor([2, 5, 0, 3])  # bitmask row i belongs to logits row rows_with[i]
+    (rows_d,) = dev(rows_with)
+    apply_token_bitmask(masked, bitmask_d, rows_d)
+    for sample in (False, True):
+        args = (inv, keys) if sample else ()
+        args_d = dev(*args) if sample else ()
+        got = sample_kernels.sample_rows(
+            xd, *args_d, bitmask=bitmask_d, bitmask_index=index_d, chunk_size=256, block=128
+        ).cpu()
+        want = sample_kernels.sample_rows(masked.to(dtype), *args_d, chunk_size=256).cpu()
+        assert torch.equal(got, want), (sample, got, want)
+        allowed = unpack_bits(bitmask, vocab)
+        for r, i in enumerate(index.tolist()):
+            if i >= 0:
+                assert allowed[i, got[r]], (sample, r)
+
+
+def test_sampler_kernel_path_masks_in_the_pass(monkeypatch) -> None:
+    """With the bitmask the only processing, the sampler hands the model's bf16 logits and the
+    bitmask to the kernel (no fp32 copy, no torch mask); the ids equal the torch-masked ones."""
+    keep = [0, 1, 2, 3, 6, 7]
+    x, inv, keys = (t[keep] for t in mixed_rows(1000, 19))
+    (xd,) = dev(x.to(torch.bfloat16))
+    bitmask = random_bitmask(3, 1000, seed=5, density=0.05)
+    sampler = Sampler(use_kernel=True)
+    md = kernel_md(inv, keys)
+    md.token_bitmask, md.token_bitmask_rows = dev(bitmask, torch.tensor([1, 3, 4]))
+    import pagedllm.worker.sample.sampler as sampler_module
+
+    def no_torch_mask(*args, **kwargs):
+        raise AssertionError("the torch bitmask op ran")
+
+    monkeypatch.setattr(sampler_module, "apply_token_bitmask", no_torch_mask)
+    seen = []
+    real = sample_kernels.sample_rows
+
+    def spy(logits, *args, **kwargs):
+        seen.append((logits.dtype, kwargs.get("bitmask") is not None))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(sample_kernels, "sample_rows", spy)
+    got = sampler.sample(xd, md).token_ids.cpu()
+    assert seen == [(torch.bfloat16, True)]
+    allowed = unpack_bits(bitmask, 1000)
+    for i, r in enumerate((1, 3, 4)):
+        assert allowed[i, got[r]]
+    monkeypatch.undo()
+    md2 = kernel_md(inv, keys, min_p=torch.zeros(6).to(DEVICE))  # a filter: the torch mask
+    md2.token_bitmask, md2.token_bitmask_rows = md.token_bitmask, md.token_bitmask_rows
+    assert torch.equal(sampler.sample(xd, md2).token_ids.cpu(), got)
 
 
 def test_benchmark_script_runs(capsys) -> None:
