@@ -49,7 +49,13 @@ GRAMMAR_RE = r"[0-9+\-()]+"
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dirs) -> LLM:
-    return LLM(tiny_model_dirs["llama"], dtype="float32", max_model_len=512, seed=0)
+    return LLM(
+        tiny_model_dirs["llama"],
+        dtype="float32",
+        kv_cache_memory="64MiB",
+        max_model_len=512,
+        seed=0,
+    )
 
 
 def so(**kw) -> StructuredOutputsParams:
@@ -202,7 +208,7 @@ def reference_greedy(path: str, llm: LLM, prompt: list[int], spec, max_tokens: i
 def test_greedy_equals_reference_loop(tiny_model_dirs, async_scheduling) -> None:
     path = tiny_model_dirs["llama"]
     llm = LLM(
-        path, dtype="float32", max_model_len=512, async_scheduling=async_scheduling,
+        path, dtype="float32", kv_cache_memory="64MiB", max_model_len=512, async_scheduling=async_scheduling,
         max_num_batched_tokens=32, max_num_seqs=8,  # chunked prompts
     )  # fmt: skip
     specs = [so(json=SCHEMA), so(regex=REGEX), so(grammar=GRAMMAR), so(json_object=True)]
@@ -227,11 +233,12 @@ def test_preemption_and_prefix_caching_keep_constraints(tiny_model_dirs, async_s
         SamplingParams(temperature=1.0, seed=i, max_tokens=60, structured_outputs=s)
         for i, s in enumerate(specs)
     ]
-    roomy = LLM(path, dtype="float32", max_model_len=160)
+    roomy = LLM(path, dtype="float32", kv_cache_memory="64MiB", max_model_len=160)
     want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
     tight = LLM(
         path,
         dtype="float32",
+        kv_cache_memory="64MiB",
         max_model_len=160,
         num_gpu_blocks_override=12,
         max_num_seqs=8,
@@ -250,7 +257,7 @@ def test_preemption_and_prefix_caching_keep_constraints(tiny_model_dirs, async_s
 
 
 def test_a_compiling_grammar_does_not_stall_other_requests(tiny_model_dirs, monkeypatch) -> None:
-    llm = LLM(tiny_model_dirs["llama"], dtype="float32", max_model_len=256)
+    llm = LLM(tiny_model_dirs["llama"], dtype="float32", kv_cache_memory="64MiB", max_model_len=256)
     engine = llm.llm_engine
     manager = engine.engine_core.structured_output
     release = threading.Event()
@@ -282,7 +289,7 @@ def test_a_compiling_grammar_does_not_stall_other_requests(tiny_model_dirs, monk
 
 
 def test_a_grammar_that_fails_to_compile_fails_its_request_alone(tiny_model_dirs, monkeypatch):
-    llm = LLM(tiny_model_dirs["llama"], dtype="float32", max_model_len=256)
+    llm = LLM(tiny_model_dirs["llama"], dtype="float32", kv_cache_memory="64MiB", max_model_len=256)
     manager = llm.llm_engine.engine_core.structured_output
 
     def broken(spec):

@@ -26,7 +26,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, Protocol, TypeAlias
 
 from pagedllm.config import EngineConfig
@@ -78,6 +77,11 @@ class Executor(Protocol):
 
     def sample_tokens(self, handle: StepHandle, grammar: GrammarOutput) -> None:
         """Queues the sampling of a launched step that waits for its grammar bitmask."""
+        ...
+
+    def bitmask_buffer(self, rows: int, words: int) -> Any:
+        """An int32 numpy [rows, words] array for the next step's grammar bitmask, which
+        `sample_tokens` takes without copying it on the host (pinned memory on CUDA)."""
         ...
 
     def collect_output(self, handle: StepHandle) -> ModelRunnerOutput:
@@ -173,12 +177,8 @@ class EngineCore:
         if self._unsampled is not None:
             if len(self._in_flight) > 1:
                 outputs += self._collect_oldest()
-            # NOTE: the mask fills in threads while this one schedules the next step.
-            bitmask = self._fill_grammar_bitmask()
-            next_step = self._schedule()
-            self._sample_launched(bitmask)
-            if next_step is not None:
-                self._launch(next_step)
+            self._sample_launched()
+            self._schedule_and_launch()
             return
         if len(self._in_flight) > 1:  # a grammar step's successor is in flight too
             outputs += self._collect_oldest()
@@ -221,28 +221,18 @@ class EngineCore:
             self.structured_output.wait_for_compiles(GRAMMAR_WAIT_S)
         return False
 
-    def _fill_grammar_bitmask(self) -> Future[Any]:
-        """Starts filling the bitmask of the step waiting for it (in threads)."""
-        assert self._unsampled is not None
-        req_ids = self._unsampled[0].structured_output_request_ids
-        requests = [self.scheduler.requests.get(r) for r in req_ids]
-        return self.structured_output.grammar_bitmask_async(requests)
-
-    def _sample_launched(self, bitmask: Future[Any] | None = None) -> None:
-        """Fills the grammar bitmask of the step launched last (or takes it from `bitmask`), if
-        it waits for one, and queues its sampling (its forward is on the device meanwhile)."""
+    def _sample_launched(self) -> None:
+        """Fills the grammar bitmask of the step launched last, if it waits for one, and queues
+        its sampling (its forward is on the device meanwhile)."""
         if self._unsampled is None:
             return
         scheduler_output, handle = self._unsampled
         self._unsampled = None
         req_ids = scheduler_output.structured_output_request_ids
         self._launching = scheduler_output
-        if bitmask is None:
-            mask = self.structured_output.grammar_bitmask(
-                [self.scheduler.requests.get(r) for r in req_ids]
-            )
-        else:
-            mask = bitmask.result()
+        mask = self.structured_output.grammar_bitmask(
+            [self.scheduler.requests.get(r) for r in req_ids], self.executor.bitmask_buffer
+        )
         self.executor.sample_tokens(handle, GrammarOutput(req_ids, mask))
         self._launching = None
 

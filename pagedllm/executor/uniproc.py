@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import StepHandle
@@ -29,6 +29,9 @@ class UniProcExecutor:
 
     def sample_tokens(self, handle: StepHandle, grammar: GrammarOutput) -> None:
         self.worker.sample_tokens(cast(InFlightStep | None, handle), grammar)
+
+    def bitmask_buffer(self, rows: int, words: int) -> Any:
+        return self.worker.model_runner.bitmask_buffer(rows, words)
 
     def collect_output(self, handle: StepHandle) -> ModelRunnerOutput:
         # NOTE: the handle is what `launch_model` returned: the worker's in-flight step.

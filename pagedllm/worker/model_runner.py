@@ -118,6 +118,9 @@ class ModelRunner:
         self._step_id = 0
         # The last launched step's id and its sampled ids on the device.
         self._last_sampled: tuple[int, torch.Tensor] | None = None
+        # Host buffers the grammar bitmask is filled into, one per step parity (pinned on
+        # CUDA: copied to the device as they are, while the other may still be in flight).
+        self._bitmask_host: list[torch.Tensor | None] = [None, None]
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -412,6 +415,24 @@ class ModelRunner:
         if step is not None:
             self._sample(step, grammar)
 
+    def bitmask_buffer(self, rows: int, words: int) -> np.ndarray:
+        """The host array the last launched step's grammar bitmask is filled into."""
+        slot = self._step_id % 2
+        host = self._bitmask_host[slot]
+        if host is None or host.shape[0] < rows or host.shape[1] != words:
+            pinned = self.device.type == "cuda"
+            host = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=pinned)
+            self._bitmask_host[slot] = host
+        return host[:rows].numpy()
+
+    def _bitmask_to_device(self, bitmask: np.ndarray) -> torch.Tensor:
+        """`bitmask` on the device: a buffer of `bitmask_buffer` is copied without staging."""
+        address = bitmask.__array_interface__["data"][0]
+        for host in self._bitmask_host:
+            if host is not None and host.data_ptr() == address and bitmask.flags.c_contiguous:
+                return host[: bitmask.shape[0]].to(self.device, non_blocking=True)
+        return self.stager.to_device(bitmask)
+
     def _grammar_rows(
         self, inputs: StepInputs, grammar: GrammarOutput
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -439,7 +460,7 @@ class ModelRunner:
         if grammar is not None and len(grammar.req_ids):
             bitmask, rows = self._grammar_rows(inputs, grammar)
             if len(bitmask):
-                md.token_bitmask = self.stager.to_device(bitmask)
+                md.token_bitmask = self._bitmask_to_device(bitmask)
                 md.token_bitmask_rows = None if rows is None else self.stager.to_device(rows)
         sampled = self.sampler.sample(logits[:num_sampled], md)
         prompt_lp = None

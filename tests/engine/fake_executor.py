@@ -35,6 +35,11 @@ class FakeExecutor:
     def sample_tokens(self, handle: ModelRunnerOutput, grammar: GrammarOutput) -> None:
         self.grammars.append(grammar)
 
+    def bitmask_buffer(self, rows: int, words: int):
+        import numpy as np
+
+        return np.empty((rows, words), dtype=np.int32)
+
     def abandon_steps(self) -> None:
         pass
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,6 @@ class StructuredOutputManager:
         self._backend_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._compiling: set[Future[Any]] = set()
-        self._filler: ThreadPoolExecutor | None = None  # fills a step's mask beside the loop
         self._bitmask: np.ndarray | None = None  # reused step after step
 
     @property
@@ -108,17 +108,26 @@ class StructuredOutputManager:
         if pending:
             wait(pending, timeout, return_when=FIRST_COMPLETED)
 
-    def grammar_bitmask(self, requests: list[Request | None]) -> np.ndarray:
+    def grammar_bitmask(
+        self,
+        requests: list[Request | None],
+        alloc: Callable[[int, int], np.ndarray] | None = None,
+    ) -> np.ndarray:
         """The next-token bitmask of each request's grammar, one row each in the given order
-        (all ones for None, an ended request or a finished grammar)."""
+        (all ones for None, an ended request or a finished grammar). `alloc(rows, words)`: the
+        int32 array to fill (the worker's pinned buffer, so the mask needs no copy on the host);
+        None: one of the manager's own, reused step after step."""
         import numpy as np  # NOTE: here: the engine package imports no numpy (tests/engine)
 
         backend = self.backend
         n = len(requests)
-        # NOTE: one buffer, reused: the worker copies the mask out before the next fill.
-        if self._bitmask is None or self._bitmask.shape[0] < n:
-            self._bitmask = np.empty((max(n, 64), backend.num_words), dtype=np.int32)
-        bitmask = self._bitmask[:n]
+        if alloc is not None:
+            bitmask = alloc(n, backend.num_words)
+        else:
+            # NOTE: reused: the worker copies the mask out before the next fill.
+            if self._bitmask is None or self._bitmask.shape[0] < n:
+                self._bitmask = np.empty((max(n, 64), backend.num_words), dtype=np.int32)
+            bitmask = self._bitmask[:n]
         grammars, rows, maybe = [], [], []
         for i, request in enumerate(requests):
             so = None if request is None or request.is_finished else request.structured_output
@@ -135,13 +144,6 @@ class StructuredOutputManager:
             so.allow_reasoning_start(bitmask[i])
         return bitmask
 
-    def grammar_bitmask_async(self, requests: list[Request | None]) -> Future[np.ndarray]:
-        """`grammar_bitmask` in a thread (xgrammar fills without the GIL: the caller goes on)."""
-        if self._filler is None:
-            self._filler = ThreadPoolExecutor(1, "pagedllm-bitmask")
-        return self._filler.submit(self.grammar_bitmask, requests)
-
     def shutdown(self) -> None:
-        for pool in (self._pool, self._filler):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
