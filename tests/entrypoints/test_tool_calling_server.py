@@ -223,6 +223,28 @@ def test_round_trip(client) -> None:
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "objekt"}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+        (
+            {
+                "messages": [
+                    *MESSAGES,
+                    {"role": "assistant", "tool_calls": [{"id": "x", "function": 5}]},
+                ],
+                "tool_choice": "none",
+            },
+            "messages",
+        ),
     ],
 )
 def test_bad_tools_are_400s(client, kwargs, param) -> None:

@@ -86,7 +86,8 @@ def resolve_tools(
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Assistant `tool_calls` with their arguments as objects, as chat templates expect
-    (transformers' convention; the API carries them as JSON strings)."""
+    (transformers' convention; the API carries them as JSON strings). A 400 naming `messages`
+    for a call not in OpenAI's shape."""
     out = []
     for message in messages:
         calls = message.get("tool_calls")
@@ -98,7 +99,14 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
-    function = dict(call.get("function") or {})
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise OpenAIError(
+            'an assistant\'s tool_calls must be {"id", "type": "function", '
+            '"function": {"name": string, "arguments": JSON text}}',
+            param="messages",
+        )
+    function = dict(function)
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         # NOTE: text that is not JSON stays as it is: a template may print it so.

@@ -140,7 +140,7 @@ class OpenAIServingChat(OpenAIServing):
         structured = None
         if setup.schema is not None:
             structured = StructuredOutputsParams(json=setup.schema)
-        params = self.sampling_params(request, max_tokens, structured)
+        params = self.sampling_params(request, max_tokens, structured, "tools")
         if setup.mode == "auto" and self.config.tool_call_parser in KEEP_SPECIAL_TOKENS:
             params.skip_special_tokens = False  # NOTE: the parser reads its special markers
         last = request.messages[-1]

@@ -209,8 +209,10 @@ class OpenAIServing:
         request: Any,
         max_tokens: int,
         structured_outputs: StructuredOutputsParams | None = None,
+        structured_source: str | None = None,
     ) -> SamplingParams:
-        """The request's SamplingParams (with `structured_outputs`, if given, as its constraint),
+        """The request's SamplingParams (with `structured_outputs`, if given, as its constraint:
+        its errors name `structured_source`),
         checked by the engine's input processor: the engine's own copy, for a `CheckedInput` (with ids that passed `check_token_ids` and
         `max_tokens_for`), which the engine runs without checking again."""
         if request.stream and request.prompt_logprobs is not None:
@@ -224,7 +226,7 @@ class OpenAIServing:
                 params.structured_outputs = structured_outputs
             return self.input_processor.check_params(params)
         except ValueError as e:
-            source = request.structured_outputs_source
+            source = structured_source or request.structured_outputs_source
             if source is not None and str(e).startswith("structured_outputs"):
                 # NOTE: the engine's check names its own field; the client used `source`.
                 message = str(e) if source == "structured_outputs" else f"{source}: {e}"
