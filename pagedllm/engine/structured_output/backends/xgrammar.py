@@ -96,15 +96,22 @@ class XgrammarGrammar:
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
+        # NOTE: a matcher terminates only on a stop token: asked only then (once per token
+        # for every constrained row otherwise).
+        self._stop_ids = frozenset(matcher.stop_token_ids)
+        self._terminated = False
 
     def accept_token(self, token_id: int) -> bool:
         """Advances on `token_id`; False when the grammar forbids it (the matcher is unchanged)."""
-        return bool(self.matcher.accept_token(token_id))
+        accepted = bool(self.matcher.accept_token(token_id))
+        if accepted and token_id in self._stop_ids:
+            self._terminated = bool(self.matcher.is_terminated())
+        return accepted
 
     @property
     def is_terminated(self) -> bool:
         """Whether the grammar is complete and accepted its stop token: nothing may follow."""
-        return bool(self.matcher.is_terminated())
+        return self._terminated
 
 
 class XgrammarBackend:
