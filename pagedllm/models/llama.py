@@ -4,13 +4,17 @@ They differ only in small flags read from the HF config: q/k/v (and o) biases, p
 RMSNorm (Qwen3, applied before RoPE), an explicit `head_dim`, tied embeddings and per-layer
 sliding windows. Module and parameter names follow the HF checkpoints, except that q/k/v are
 fused into `qkv_proj` and gate/up into `gate_up_proj`.
+
+Architectures in their own files build on these classes: Phi-3 (`models/phi3.py`) as a
+`LlamaForCausalLM` whose checkpoint is already fused, OLMo 2 (`models/olmo2.py`) through
+`decoder_layer_cls`, its own decoder layer in `LlamaModel`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -168,26 +172,38 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers and the final norm: `(input_ids, positions) -> hidden`."""
+    """Embedding, decoder layers and the final norm: `(input_ids, positions) -> hidden`.
 
-    def __init__(self, ctx: ModelContext, flags: LlamaFlags) -> None:
+    `decoder_layer_cls` is built as `cls(ctx, layer_idx, head_dim, rotary_emb, flags)` and
+    called as `layer(positions, hidden, residual) -> (hidden, residual)`, the sum of the two
+    being the layer's output (an architecture with another layer layout keeps that contract).
+    """
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        flags: LlamaFlags,
+        decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer,
+    ) -> None:
         super().__init__()
         cfg = ctx.hf_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         fused_ops = ctx.kernel_config.fused_ops
         # NOTE: one rotary module (one cos/sin cache) is shared by all layers.
-        rotary_emb = get_rope(
+        self.rotary_emb = get_rope(
             head_dim, cfg.max_position_embeddings, get_rope_parameters(cfg), use_fused=fused_ops
         )
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(ctx.child(f"layers.{i}"), i, head_dim, rotary_emb, flags)
+            decoder_layer_cls(ctx.child(f"layers.{i}"), i, head_dim, self.rotary_emb, flags)
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
+        # The layers rotate by cos/sin cache rows: the positions, but for LongRoPE's long ones.
+        positions = self.rotary_emb.cache_rows(positions)
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
@@ -198,12 +214,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """A causal LM over a flat batch of tokens (no batch dimension); see `models/registry.py`."""
 
+    # The decoder layer an architecture builds (see `LlamaModel`).
+    decoder_layer_cls: ClassVar[type[nn.Module]] = LlamaDecoderLayer
+
     def __init__(self, ctx: ModelContext) -> None:
         super().__init__()
         hf_config = ctx.hf_config
         self.config = hf_config
         self.flags = self.arch_flags(hf_config)
-        self.model = LlamaModel(ctx.child("model"), self.flags)
+        self.model = LlamaModel(ctx.child("model"), self.flags, self.decoder_layer_cls)
         self.lm_head = ParallelLMHead(
             hf_config.vocab_size, hf_config.hidden_size, use_gemv=ctx.kernel_config.gemv
         )

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 _MODELS: dict[str, str] = {
     "LlamaForCausalLM": "pagedllm.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "pagedllm.models.llama:MistralForCausalLM",
+    "MixtralForCausalLM": "pagedllm.models.mixtral:MixtralForCausalLM",
+    "Olmo2ForCausalLM": "pagedllm.models.olmo2:Olmo2ForCausalLM",
+    "Phi3ForCausalLM": "pagedllm.models.phi3:Phi3ForCausalLM",
     "Qwen2ForCausalLM": "pagedllm.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "pagedllm.models.llama:Qwen3ForCausalLM",
 }
