@@ -226,7 +226,9 @@ class OpenAIServing:
                 params.structured_outputs = structured_outputs
             return self.input_processor.check_params(params)
         except ValueError as e:
-            source = structured_source or request.structured_outputs_source
+            source = request.structured_outputs_source
+            if structured_outputs is not None:
+                source = structured_source
             if source is not None and str(e).startswith("structured_outputs"):
                 # NOTE: the engine's check names its own field; the client used `source`.
                 message = str(e) if source == "structured_outputs" else f"{source}: {e}"
