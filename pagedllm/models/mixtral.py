@@ -23,26 +23,44 @@ from pagedllm.layers.linear import ReplicatedLinear
 from pagedllm.models.llama import LlamaDecoderLayer, LlamaFlags, LlamaForCausalLM
 from pagedllm.models.utils import ModelContext, linear_kwargs
 
-_EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
+_EXPERT = re.compile(
+    r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$"
+)
+# Each expert's checkpoint names (Mixtral's, then Qwen-MoE's) → FusedMoE's shard ids.
+_SHARDS = {
+    "w1": "w1",
+    "w2": "w2",
+    "w3": "w3",
+    "gate_proj": "w1",
+    "up_proj": "w3",
+    "down_proj": "w2",
+}
 _PACKED = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
 _GATE = re.compile(r"\.(?:block_sparse_moe|mlp)\.gate\.weight$")
 
 
 class MixtralMoE(nn.Module):
-    """The router and the experts of one layer."""
+    """The router and the experts of one layer (Mixtral's sizes by default)."""
 
-    def __init__(self, ctx: ModelContext) -> None:
+    def __init__(
+        self,
+        ctx: ModelContext,
+        num_experts: int | None = None,
+        intermediate_size: int | None = None,
+        renormalize: bool = True,
+    ) -> None:
         super().__init__()
         cfg = ctx.hf_config
+        num_experts = num_experts or cfg.num_local_experts
         self.gate = ReplicatedLinear(
-            cfg.hidden_size, cfg.num_local_experts, bias=False, **linear_kwargs(ctx, "gate")
+            cfg.hidden_size, num_experts, bias=False, **linear_kwargs(ctx, "gate")
         )
         self.experts = FusedMoE(
-            num_experts=cfg.num_local_experts,
+            num_experts=num_experts,
             top_k=cfg.num_experts_per_tok,
             hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            renormalize=True,
+            intermediate_size=intermediate_size or cfg.intermediate_size,
+            renormalize=renormalize,
             prefix=ctx.child("experts").prefix,
         )
 
@@ -67,34 +85,40 @@ class MixtralForCausalLM(LlamaForCausalLM):
         return LlamaFlags()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The experts' and routers' tensors here; the rest as the Llama family loads them."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        expert_parts: dict[str, set[tuple[int, str]]] = {}
-        rest = []
-        for name, tensor in weights:
-            layer = name.split(".experts.")[0].rsplit(".", 1)[0] if ".experts." in name else ""
-            if match := _EXPERT.search(name):
-                expert, shard = int(match.group(1)), match.group(2)
-                param_name = f"{layer}.mlp.experts.{'w2' if shard == 'w2' else 'w13'}_weight"
-                param = params[param_name]
-                param.weight_loader(param, tensor, shard, expert)  # type: ignore[attr-defined]
-                parts = expert_parts.setdefault(param_name, set())
-                parts.add((expert, shard))
-                experts = self.config.num_local_experts
-                if len(parts) == (experts if shard == "w2" else 2 * experts):
-                    loaded.add(param_name)
-            elif match := _PACKED.search(name):
-                which = "w13" if match.group(1) == "gate_up_proj" else "w2"
-                param_name = f"{layer}.mlp.experts.{which}_weight"
-                param = params[param_name]
-                param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+        return load_moe_weights(self, weights, self.config.num_local_experts)
+
+
+def load_moe_weights(
+    model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]], num_experts: int
+) -> set[str]:
+    """The experts' and routers' tensors of a Llama-family MoE (each layer's `mlp` a
+    `MixtralMoE`); the rest as the Llama family loads them."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    expert_parts: dict[str, set[tuple[int, str]]] = {}
+    rest = []
+    for name, tensor in weights:
+        layer = name.split(".experts.")[0].rsplit(".", 1)[0] if ".experts." in name else ""
+        if match := _EXPERT.search(name):
+            expert, shard = int(match.group(1)), _SHARDS[match.group(2)]
+            param_name = f"{layer}.mlp.experts.{'w2' if shard == 'w2' else 'w13'}_weight"
+            param = params[param_name]
+            param.weight_loader(param, tensor, shard, expert)  # type: ignore[attr-defined]
+            parts = expert_parts.setdefault(param_name, set())
+            parts.add((expert, shard))
+            if len(parts) == (num_experts if shard == "w2" else 2 * num_experts):
                 loaded.add(param_name)
-            elif _GATE.search(name):
-                prefix = name[: _GATE.search(name).start()]  # type: ignore[union-attr]
-                param_name = f"{prefix}.mlp.gate.weight"
-                params[param_name].data.copy_(tensor.to(params[param_name].dtype))
-                loaded.add(param_name)
-            else:
-                rest.append((name, tensor))
-        return loaded | super().load_weights(rest)
+        elif match := _PACKED.search(name):
+            which = "w13" if match.group(1) == "gate_up_proj" else "w2"
+            param_name = f"{layer}.mlp.experts.{which}_weight"
+            param = params[param_name]
+            param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+            loaded.add(param_name)
+        elif _GATE.search(name):
+            prefix = name[: _GATE.search(name).start()]  # type: ignore[union-attr]
+            param_name = f"{prefix}.mlp.gate.weight"
+            params[param_name].data.copy_(tensor.to(params[param_name].dtype))
+            loaded.add(param_name)
+        else:
+            rest.append((name, tensor))
+    return loaded | LlamaForCausalLM.load_weights(model, rest)

@@ -24,6 +24,7 @@ _MODELS: dict[str, str] = {
     "Phi3ForCausalLM": "pagedllm.models.phi3:Phi3ForCausalLM",
     "Qwen2ForCausalLM": "pagedllm.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "pagedllm.models.llama:Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM": "pagedllm.models.qwen3_moe:Qwen3MoeForCausalLM",
 }
 
 

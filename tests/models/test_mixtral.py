@@ -107,3 +107,38 @@ def test_mixtral_greedy_equals_hf(mixtral_dir) -> None:
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_dir(tmp_path_factory):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen3_moe")
+    config = Qwen3MoeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1],
+        decoder_sparse_step=1, max_position_embeddings=512, rms_norm_eps=1e-6,
+        initializer_range=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    Qwen3MoeForCausalLM(config).to(torch.float32).save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+def test_qwen3_moe_greedy_equals_hf(qwen3_moe_dir) -> None:
+    """Sparse layers (8 experts, 3 per token, no renormalization) beside a dense one
+    (`mlp_only_layers`), Qwen3's q/k norms."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (6, 29, 2)]
+    max_tokens = [20, 12, 25]
+    expected = hf_greedy(load_hf(qwen3_moe_dir), prompts, max_tokens)
+    llm = LLM(str(qwen3_moe_dir), dtype="float32", max_model_len=256, kv_cache_memory="64MiB")
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    model = llm.llm_engine.engine_core.executor.worker.model_runner.model
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["MixtralMoE", "LlamaMLP", "MixtralMoE"]

@@ -1,0 +1,49 @@
+"""Qwen3-MoE (`Qwen3MoeForCausalLM`, e.g. Qwen3-30B-A3B): Qwen3's attention (per-head q/k
+RMSNorm before RoPE) and, in the sparse layers, a mixture of experts in place of the MLP: a
+router over `num_experts` SwiGLU experts of `moe_intermediate_size`, `num_experts_per_tok` per
+token, the weights renormalized over the chosen ones when `norm_topk_prob`. Layers listed in
+`mlp_only_layers`, or off the `decoder_sparse_step` rhythm, keep a dense MLP.
+
+Checkpoint names: `mlp.gate.weight` and `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from pagedllm.models.llama import LlamaDecoderLayer, Qwen3ForCausalLM
+from pagedllm.models.mixtral import MixtralMoE, load_moe_weights
+from pagedllm.models.utils import ModelContext
+
+
+def is_sparse_layer(hf_config: Any, layer_idx: int) -> bool:
+    """Whether layer `layer_idx` has experts (transformers' rule)."""
+    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    return (
+        layer_idx not in (getattr(hf_config, "mlp_only_layers", None) or [])
+        and hf_config.num_experts > 0
+        and (layer_idx + 1) % step == 0
+    )
+
+
+class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, ctx: ModelContext, layer_idx: int, *args: Any) -> None:
+        super().__init__(ctx, layer_idx, *args)
+        cfg = ctx.hf_config
+        if is_sparse_layer(cfg, layer_idx):
+            self.mlp = MixtralMoE(
+                ctx.child("mlp"),
+                num_experts=cfg.num_experts,
+                intermediate_size=cfg.moe_intermediate_size,
+                renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
+            )
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    decoder_layer_cls = Qwen3MoeDecoderLayer
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_moe_weights(self, weights, self.config.num_experts)
