@@ -20,6 +20,8 @@ httpx = _http_module()
 
 CLI = [sys.executable, "-m", "pagedllm.entrypoints.cli"]
 API_KEY = "sk-pagedllm-test"
+# A server of the default model (SmolLM2-135M) on the CPU, for the tests that need real text.
+DEFAULT_MODEL_ARGS = ["--max-model-len", "1024", "--kv-cache-memory", "256MiB"]
 # ChatML, for the tiny test models (their tokenizers come without a chat template).
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -104,6 +106,12 @@ class RemoteServer:
             for s in family.samples
             if "le" not in s.labels and "finished_reason" not in s.labels
         }
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from pagedllm.models.default import DEFAULT_MODEL, DefaultModelNotInstalledError, default_model_path
-from tests.entrypoints.conftest import RemoteServer
+from tests.entrypoints.conftest import DEFAULT_MODEL_ARGS, RemoteServer
 
 openai = pytest.importorskip("openai")
 
@@ -41,14 +41,8 @@ MESSAGES = [{"role": "user", "content": "Describe the capital of France as JSON.
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RemoteServer]:
-    server = RemoteServer(
-        ["--max-model-len", "1024", "--kv-cache-memory", "256MiB", "--max-num-seqs", "32"],
-        api_key=None,
-    )
-    try:
+    with RemoteServer([*DEFAULT_MODEL_ARGS, "--max-num-seqs", "32"], api_key=None) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from pagedllm.entrypoints.openai.chat_tools import resolve_tools
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.models.default import DEFAULT_MODEL, DefaultModelNotInstalledError, default_model_path
-from tests.entrypoints.conftest import RemoteServer
+from tests.entrypoints.conftest import DEFAULT_MODEL_ARGS, RemoteServer
 
 openai = pytest.importorskip("openai")
 
@@ -60,15 +60,9 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RemoteServer]:
-    args = "--max-model-len 1024 --kv-cache-memory 256MiB --enable-auto-tool-choice"
-    server = RemoteServer(
-        [*args.split(), "--tool-call-parser", "hermes"],
-        api_key=None,
-    )
-    try:
+    args = [*DEFAULT_MODEL_ARGS, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    with RemoteServer(args, api_key=None) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ waiting until the compile is done (a running request never waits for another's c
 fails it (finish reason "error") if the compile failed. The backend (xgrammar) and the
 tokenizer it needs are made on the first constrained request, in the pool too.
 
-`grammar_bitmask(requests)`: the int32 [rows, ceil(vocab / 32)] mask of a step's constrained
+`grammar_bitmask(requests, alloc)`: the int32 [rows, ceil(vocab / 32)] mask of a step's constrained
 rows, in the order given (a row of all ones for a request that has ended). The core calls it
 after the step's forward is queued on the device and the previous step's tokens have advanced
 the matchers, so it runs on the host while the device computes (see EngineCore).
@@ -53,7 +53,6 @@ class StructuredOutputManager:
         self._backend_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._compiling: set[Future[Any]] = set()
-        self._bitmask: np.ndarray | None = None  # reused step after step
 
     @property
     def backend(self) -> Any:
@@ -109,25 +108,14 @@ class StructuredOutputManager:
             wait(pending, timeout, return_when=FIRST_COMPLETED)
 
     def grammar_bitmask(
-        self,
-        requests: list[Request | None],
-        alloc: Callable[[int, int], np.ndarray] | None = None,
+        self, requests: list[Request | None], alloc: Callable[[int, int], np.ndarray]
     ) -> np.ndarray:
         """The next-token bitmask of each request's grammar, one row each in the given order
-        (all ones for None, an ended request or a finished grammar). `alloc(rows, words)`: the
-        int32 array to fill (the worker's pinned buffer, so the mask needs no copy on the host);
-        None: one of the manager's own, reused step after step."""
-        import numpy as np  # NOTE: here: the engine package imports no numpy (tests/engine)
-
+        (all ones for None, an ended request or a finished grammar), filled into
+        `alloc(rows, words)`: the worker's int32 buffer (pinned on CUDA, so the mask needs no
+        copy on the host)."""
         backend = self.backend
-        n = len(requests)
-        if alloc is not None:
-            bitmask = alloc(n, backend.num_words)
-        else:
-            # NOTE: reused: the worker copies the mask out before the next fill.
-            if self._bitmask is None or self._bitmask.shape[0] < n:
-                self._bitmask = np.empty((max(n, 64), backend.num_words), dtype=np.int32)
-            bitmask = self._bitmask[:n]
+        bitmask = alloc(len(requests), backend.num_words)
         grammars, rows, maybe = [], [], []
         for i, request in enumerate(requests):
             so = None if request is None or request.is_finished else request.structured_output

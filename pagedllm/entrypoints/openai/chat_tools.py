@@ -267,3 +267,11 @@ def _merge(into: DeltaMessage, other: DeltaMessage | None) -> None:
     if other.reasoning_content:
         into.reasoning_content = (into.reasoning_content or "") + other.reasoning_content
     into.tool_calls += other.tool_calls
+
+
+def join_deltas(a: DeltaMessage | None, b: DeltaMessage | None) -> DeltaMessage | None:
+    """`a` then `b` as one delta (either may be None)."""
+    if a is None or b is None:
+        return a or b
+    _merge(a, b)
+    return a

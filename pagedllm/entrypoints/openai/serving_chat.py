@@ -15,6 +15,7 @@ from pagedllm.entrypoints.openai.chat_tools import (
     KEEP_SPECIAL_TOKENS,
     ChoiceParser,
     ToolSetup,
+    join_deltas,
     resolve_tools,
     template_messages,
 )
@@ -246,11 +247,10 @@ class OpenAIServingChat(OpenAIServing):
                         parser = parsers.get(out.index)
                         if parser is None:
                             parser = parsers[out.index] = self._parser(setup)
-                        delta = _delta_out(parser.stream(out.text) if out.text else None)
+                        parts = parser.stream(out.text) if out.text else None
                         if out.finish_reason is not None:
-                            complete = out.finish_reason == "stop"
-                            rest = _delta_out(parser.finish(complete))
-                            delta = _joined(delta, rest)
+                            parts = join_deltas(parts, parser.finish(out.finish_reason == "stop"))
+                        delta = _delta_out(parts)
                         empty = delta is None or not (
                             delta.content or delta.reasoning_content or delta.tool_calls
                         )
@@ -291,14 +291,4 @@ def _delta_out(delta: Any) -> DeltaMessage | None:
     ]
     return DeltaMessage(
         content=delta.content, reasoning_content=delta.reasoning_content, tool_calls=calls
-    )
-
-
-def _joined(a: DeltaMessage | None, b: DeltaMessage | None) -> DeltaMessage | None:
-    if a is None or b is None:
-        return a or b
-    return DeltaMessage(
-        content=((a.content or "") + (b.content or "")) or None,
-        reasoning_content=((a.reasoning_content or "") + (b.reasoning_content or "")) or None,
-        tool_calls=a.tool_calls + b.tool_calls,
     )
