@@ -192,18 +192,10 @@ class EngineCore:
 
     def _schedule_and_launch(self) -> bool:
         """Schedules a step and launches it; whether a step with work was launched."""
-        scheduler_output = self._schedule()
-        return scheduler_output is not None and self._launch(scheduler_output)
-
-    def _schedule(self) -> SchedulerOutput | None:
         if not self.scheduler.has_unfinished_requests():
-            return None
+            return False
         scheduler_output = self.scheduler.schedule()
         self._record_queue_times(scheduler_output)
-        return scheduler_output
-
-    def _launch(self, scheduler_output: SchedulerOutput) -> bool:
-        """Launches a scheduled step; whether it had work."""
         if not scheduler_output.is_empty:
             self._launching = scheduler_output
             handle = self.executor.launch_model(scheduler_output)
