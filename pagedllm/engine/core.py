@@ -15,7 +15,11 @@ Either way a step that raises fails its culprit alone (`_recover`).
 Structured output: a step with constrained rows is launched in two parts. `launch_model` queues
 the forward; then, once the matchers have taken every token sampled before (in the async step,
 after the previous step is collected), the core fills the rows' token bitmask on the host while
-the device computes, and `sample_tokens` queues the sampling with it (`_sample_launched`).
+the device computes, and `sample_tokens` queues the sampling with it (`_sample_launched`). In
+the async step the fill starts in a thread as soon as the previous step is collected
+(`_start_fill`) and the call returns: the caller's work on the outputs (detokenizing, sending
+them) overlaps it; the next call takes the mask, queues the sampling, launches the next step,
+then collects this one.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.stats import SchedulerStats
 from pagedllm.engine.structured_output import StructuredOutputManager
+from pagedllm.engine.structured_output.manager import BitmaskFill
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +124,8 @@ class EngineCore:
         self._launching: SchedulerOutput | None = None  # the step being launched
         # The launched step whose sampling waits for its grammar bitmask.
         self._unsampled: tuple[SchedulerOutput, StepHandle] | None = None
+        # Its bitmask, being filled in a thread since its predecessor was collected.
+        self._filling: BitmaskFill | None = None
         self._consecutive_failures = 0
         # NOTE: start-up's objects (the model, its modules and tensors, graphs, tokenizer) never
         # die: frozen, the collector stops scanning them in every full collection while serving.
@@ -158,6 +165,8 @@ class EngineCore:
     def _step_sync(self, outputs: list[EngineCoreOutput]) -> None:
         """Schedule, launch, collect: one step at a time."""
         while self._in_flight:  # launched while steps overlapped
+            if self._unsampled is not None and len(self._in_flight) == 1:
+                self._sample_launched()  # the last one launched may wait for its bitmask
             outputs += self._collect_oldest()
         self._schedule_and_launch()
         self._sample_launched()
@@ -167,9 +176,11 @@ class EngineCore:
     def _step_async(self, outputs: list[EngineCoreOutput]) -> None:
         """Launch step N+1, then collect step N: one step stays in flight.
 
-        A step waiting for its grammar bitmask (N+1) is sampled once step N is collected (its
-        tokens advance the grammars the mask reads); then step N+2 is launched at once, before
-        N's outputs go back, so that the host's work on them overlaps the device's."""
+        A step with a grammar (N+1) is launched without its sampling. Once step N is collected
+        (its tokens advance the grammars the mask reads), N+1's bitmask is filled in a thread
+        while N's outputs go back; the next call queues N+1's sampling with the mask, launches
+        N+2 behind it, then collects N+1: the fill overlaps the host's work on the outputs, and
+        the device runs N+1's forward meanwhile."""
         if self.scheduler.num_history_reqs:
             # NOTE: a request's sampler reads the ids its last step sampled: no overlap.
             self._step_sync(outputs)
@@ -179,6 +190,11 @@ class EngineCore:
                 outputs += self._collect_oldest()
             self._sample_launched()
             self._schedule_and_launch()
+            if len(self._in_flight) > 1:
+                outputs += self._collect_oldest()
+            if self._unsampled is not None and len(self._in_flight) == 1:
+                # Its predecessor's tokens advanced the grammars: start the fill.
+                self._start_fill()
             return
         if len(self._in_flight) > 1:  # a grammar step's successor is in flight too
             outputs += self._collect_oldest()
@@ -186,9 +202,8 @@ class EngineCore:
         if self._in_flight and (not launched or len(self._in_flight) > 1):
             outputs += self._collect_oldest()
         if self._unsampled is not None and len(self._in_flight) == 1:
-            # Nothing before it: its grammars are current. Sample it, launch the next.
-            self._sample_launched()
-            self._schedule_and_launch()
+            # Nothing before it: its grammars are current. The next call samples it.
+            self._start_fill()
 
     def _schedule_and_launch(self) -> bool:
         """Schedules a step and launches it; whether a step with work was launched."""
@@ -213,18 +228,31 @@ class EngineCore:
             self.structured_output.wait_for_compiles(GRAMMAR_WAIT_S)
         return False
 
+    def _start_fill(self) -> None:
+        """Starts filling the bitmask of the step waiting for one, in a thread (its grammars
+        are current: every step before it is collected)."""
+        assert self._unsampled is not None and self._filling is None
+        req_ids = self._unsampled[0].structured_output_request_ids
+        self._filling = self.structured_output.fill_in_background(
+            [self.scheduler.requests.get(r) for r in req_ids], self.executor.bitmask_buffer
+        )
+
     def _sample_launched(self) -> None:
-        """Fills the grammar bitmask of the step launched last, if it waits for one, and queues
-        its sampling (its forward is on the device meanwhile)."""
+        """Queues the sampling of the step launched last, if it waits for its grammar bitmask
+        (its forward is on the device meanwhile), with the mask filled now or in a thread."""
         if self._unsampled is None:
             return
         scheduler_output, handle = self._unsampled
         self._unsampled = None
         req_ids = scheduler_output.structured_output_request_ids
         self._launching = scheduler_output
-        mask = self.structured_output.grammar_bitmask(
-            [self.scheduler.requests.get(r) for r in req_ids], self.executor.bitmask_buffer
-        )
+        filling, self._filling = self._filling, None
+        if filling is not None:
+            mask = filling.result()
+        else:
+            mask = self.structured_output.grammar_bitmask(
+                [self.scheduler.requests.get(r) for r in req_ids], self.executor.bitmask_buffer
+            )
         self.executor.sample_tokens(handle, GrammarOutput(req_ids, mask))
         self._launching = None
 
@@ -246,6 +274,7 @@ class EngineCore:
         )
         self._launching = None
         self._unsampled = None
+        self._drop_fill()
         self._in_flight.clear()
         self.executor.abandon_steps()
         if isinstance(error, RequestPreparationError):
@@ -285,7 +314,14 @@ class EngineCore:
         )
         return stats
 
+    def _drop_fill(self) -> None:
+        """Waits out a fill in flight (its buffer may be reused) and forgets its mask."""
+        filling, self._filling = self._filling, None
+        if filling is not None:
+            filling.wait()
+
     def shutdown(self) -> None:
+        self._drop_fill()
         self._in_flight.clear()
         self.structured_output.shutdown()
         self.executor.shutdown()

@@ -10,11 +10,15 @@ tokenizer it needs are made on the first constrained request, in the pool too.
 rows, in the order given (a row of all ones for a request that has ended). The core calls it
 after the step's forward is queued on the device and the previous step's tokens have advanced
 the matchers, so it runs on the host while the device computes (see EngineCore).
+`fill_in_background` runs xgrammar's fill in a thread of its own (it releases the GIL): the
+async core starts it as soon as the matchers are current and takes the mask when it queues the
+sampling, so the fill overlaps the host's work on the step's outputs.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -34,6 +38,30 @@ logger = logging.getLogger(__name__)
 
 # Threads compiling grammars (xgrammar compiles with its own threads inside each).
 NUM_COMPILE_WORKERS = 2
+# The interpreter's switch interval while a bitmask is filled in the background (see `_fill`).
+FILL_SWITCH_INTERVAL_S = 0.0001
+
+
+class BitmaskFill:
+    """A step's bitmask being filled; `result()` waits for it (re-raising the fill's error)
+    and finishes the rows of requests that may start reasoning."""
+
+    def __init__(self, bitmask: np.ndarray, maybe: list[tuple[int, StructuredOutputRequest]]):
+        self.bitmask = bitmask
+        self.future: Future[Any] | None = None
+        self._maybe = maybe
+
+    def result(self) -> np.ndarray:
+        if self.future is not None:
+            self.future.result()
+        for i, so in self._maybe:
+            so.allow_reasoning_start(self.bitmask[i])
+        return self.bitmask
+
+    def wait(self) -> None:
+        """Waits for the fill to end, raising nothing (its buffer may be reused after)."""
+        if self.future is not None:
+            self.future.exception()
 
 
 class StructuredOutputManager:
@@ -53,6 +81,7 @@ class StructuredOutputManager:
         self._backend_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._compiling: set[Future[Any]] = set()
+        self._filler: ThreadPoolExecutor | None = None
 
     @property
     def backend(self) -> Any:
@@ -114,24 +143,56 @@ class StructuredOutputManager:
         (all ones for None, an ended request or a finished grammar), filled into
         `alloc(rows, words)`: the worker's int32 buffer (pinned on CUDA, so the mask needs no
         copy on the host)."""
+        return self._fill(requests, alloc, background=False).result()
+
+    def fill_in_background(
+        self, requests: list[Request | None], alloc: Callable[[int, int], np.ndarray]
+    ) -> BitmaskFill:
+        """`grammar_bitmask` with xgrammar's fill in a thread; `.result()` gives the mask. The
+        requests' matchers must not advance until then (the core collects no step between)."""
+        return self._fill(requests, alloc, background=True)
+
+    def _fill(
+        self,
+        requests: list[Request | None],
+        alloc: Callable[[int, int], np.ndarray],
+        background: bool,
+    ) -> BitmaskFill:
+        """Everything but xgrammar's fill runs here, in the caller's thread (the buffer, the
+        rows to fill, the all-ones rows): the thread only calls into C++ (no Python of its own
+        to contend for the GIL with the caller's)."""
         backend = self.backend
         bitmask = alloc(len(requests), backend.num_words)
-        grammars, rows, maybe = [], [], []
+        matchers, rows, maybe = [], [], []
         for i, request in enumerate(requests):
             so = None if request is None or request.is_finished else request.structured_output
-            if so is not None and so.masks:
-                grammars.append(so.grammar)
+            if so is not None and so.masks and so.grammar is not None:
+                matchers.append(so.grammar.matcher)
                 rows.append(i)
                 if so.phase == "maybe":
                     maybe.append((i, so))
             else:
                 bitmask[i] = -1  # every token
-        if grammars:
-            backend.fill_bitmask(grammars, bitmask, rows)
-        for i, so in maybe:
-            so.allow_reasoning_start(bitmask[i])
-        return bitmask
+        fill = BitmaskFill(bitmask, maybe)
+        if not matchers:
+            return fill
+        if not background:
+            backend.fill_bitmask(matchers, bitmask, rows)
+            return fill
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(1, "pagedllm-bitmask")
+        # NOTE: the thread needs the GIL twice (to call in, to return), and a thread asking
+        # for it waits for the holder's switch interval (5 ms by default) while the caller
+        # runs Python: the fill would end after the caller's work instead of beside it.
+        # A short interval while the fill is in flight bounds that wait.
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(FILL_SWITCH_INTERVAL_S)
+        fill.future = self._filler.submit(backend.fill_bitmask, matchers, bitmask, rows)
+        fill.future.add_done_callback(lambda _: sys.setswitchinterval(previous))
+        return fill
 
     def shutdown(self) -> None:
+        if self._filler is not None:
+            self._filler.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

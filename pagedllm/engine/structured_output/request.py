@@ -48,6 +48,8 @@ class StructuredOutputRequest:
         """Advances the grammar by `token_id` (the last of `output_token_ids`); False when the
         grammar forbids it. While reasoning, the grammar waits for the end marker instead."""
         assert self.grammar is not None, "a request samples only once its grammar is ready"
+        if self.phase == "answer":  # NOTE: first: once per token of every constrained row
+            return self.grammar.accept_token(token_id)
         markers = self.reasoning_markers
         if self.phase == "maybe":
             assert markers is not None

@@ -153,8 +153,7 @@ class XgrammarBackend:
     def new_matcher(self, compiled: Any) -> XgrammarGrammar:
         return XgrammarGrammar(self._xgr.GrammarMatcher(compiled))
 
-    def fill_bitmask(
-        self, grammars: list[XgrammarGrammar], bitmask: np.ndarray, rows: list[int]
-    ) -> None:
-        """Fills `bitmask[rows[i]]` with the tokens `grammars[i]` allows next (in threads)."""
-        self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, rows)
+    def fill_bitmask(self, matchers: list[Any], bitmask: np.ndarray, rows: list[int]) -> None:
+        """Fills `bitmask[rows[i]]` with the tokens `matchers[i]` (`XgrammarGrammar.matcher`)
+        allow next (in xgrammar's threads, without the GIL)."""
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
