@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# `ModelConfig.model_impl`: "auto" (the native model file if there is one, else the Transformers
+# fallback), "native", "transformers" (the fallback even where a native file exists).
+MODEL_IMPLS = ("auto", "native", "transformers")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 _SIZE_UNITS = {
@@ -81,6 +84,14 @@ class ModelConfig:
     # SamplingParams defaults from the model's generation config (`--generation-config`), e.g.
     # {"temperature": 0.6, "max_tokens": 512}: what a request that leaves a field out gets.
     sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False)
+    # One of MODEL_IMPLS: which implementation runs the model (`models/registry.py`).
+    model_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(
+                f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}"
+            )
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V that one token occupies across all layers."""

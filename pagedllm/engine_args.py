@@ -80,6 +80,13 @@ class EngineArgs:
     )
     seed: int = field(default=0, metadata=_help("random seed"))
     load_format: str = field(default="auto", metadata=_help("auto, safetensors, gguf or dummy"))
+    model_impl: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (pagedllm's model file, else transformers' modeling code with paged attention), "
+            "native, or transformers (the Transformers fallback, even where a model file exists)"
+        ),
+    )
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
     attention_backend: str | None = field(
         default=None, metadata=_help("torch, triton (default: best)")
@@ -310,11 +317,11 @@ def _eos_token_ids(hf_config: Any, model_dir: str | None) -> tuple[int, ...]:
 def _build_model_config(
     args: EngineArgs, hf_config: Any, model_path: str, load_format: str, device: str
 ) -> ModelConfig:
-    from pagedllm.models.registry import resolve_model_cls, supported_architectures
+    from pagedllm.models.registry import resolve_model
 
     architectures = list(getattr(hf_config, "architectures", None) or [])
-    resolve_model_cls(architectures)  # a clear error listing the supported ones
-    architecture = next(a for a in architectures if a in supported_architectures())
+    # NOTE: a clear error listing the supported architectures, before anything is loaded.
+    architecture, _ = resolve_model(architectures, args.model_impl)
     derived_len = int(getattr(hf_config, "max_position_embeddings", 2048))
     max_model_len = args.max_model_len or derived_len
     if max_model_len > derived_len:
@@ -356,4 +363,5 @@ def _build_model_config(
         hf_config=hf_config,
         eos_token_ids=_eos_token_ids(hf_config, model_path if is_folder else None),
         sampling_defaults=defaults,
+        model_impl=args.model_impl,
     )

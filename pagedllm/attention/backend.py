@@ -193,7 +193,14 @@ def pad_1d(a: np.ndarray, size: int, value: int) -> np.ndarray:
 
 
 class AttentionImpl(ABC):
-    """One layer's attention computation. Built once per layer by the `Attention` module."""
+    """One layer's attention computation. Built once per layer by the `Attention` module.
+
+    Options of the softmax (each impl honours both, with and without a sliding window):
+    `logits_soft_cap`: the scaled scores `s` become `cap * tanh(s / cap)` before masking (Gemma
+    2); `sinks`: a `[num_heads]` tensor, one extra logit per head in its softmax denominator that
+    carries no value (gpt-oss). The impl holds `sinks` by reference (a parameter of the model,
+    loaded later) and reads it at every call.
+    """
 
     # True when `forward` reads no device tensor on the host, so a step can be captured in a
     # CUDA graph and replayed with new metadata values (host ints fixed at capture).
@@ -209,13 +216,22 @@ class AttentionImpl(ABC):
         scale: float,
         num_kv_heads: int,
         sliding_window: int | None = None,
+        *,
+        logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> None:
         assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
+        if logits_soft_cap is not None and logits_soft_cap <= 0:
+            raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+        if sinks is not None and tuple(sinks.shape) != (num_heads,):
+            raise ValueError(f"sinks must be [num_heads={num_heads}], got {tuple(sinks.shape)}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
+        self.sinks = sinks
 
     @abstractmethod
     def forward(

@@ -7,6 +7,10 @@ the attention metadata. On a backend that accepts prewritten K/V (Triton), the n
 rotation and the cache write run as one fused kernel (`rope_norm_and_cache_`: decode steps run
 ~2 µs of GPU time per launch).
 
+Two options of the softmax pass through to the backend's impl: `logits_soft_cap` (Gemma 2's
+`cap * tanh(s / cap)` of the scaled scores) and `sinks` (gpt-oss: one value-less logit per head
+in the softmax denominator; a parameter of the model's attention module, held by reference).
+
 It also says what it keeps in the cache (`kv_cache_spec`); the worker binds `kv_cache` after
 allocating it. Without attention metadata (the memory-profiling pass) the whole batch is one
 causal sequence and nothing is cached.
@@ -21,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.torch_ref import softmax_attention
 from pagedllm.engine.kv_cache_spec import KVCacheSpec, SlidingWindowSpec
 from pagedllm.forward_context import get_forward_context
 from pagedllm.layers import fused
@@ -33,8 +38,8 @@ if TYPE_CHECKING:
 class Attention(nn.Module):
     """Paged attention for one layer, with its prologue (q/k norms, rotary, cache write).
 
-    `rotary_emb`, `q_norm` and `k_norm` stay modules of the model (their parameters keep the
-    checkpoint's names); this layer holds references only.
+    `rotary_emb`, `q_norm`, `k_norm` and `sinks` stay modules and parameters of the model (their
+    parameters keep the checkpoint's names); this layer holds references only.
     """
 
     def __init__(
@@ -49,10 +54,15 @@ class Attention(nn.Module):
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
         use_fused: bool | None = None,
         prefix: str = "",
     ) -> None:
-        """`use_fused`: the fused prologue on CUDA (None: `fused.enabled`'s default)."""
+        """`logits_soft_cap`: scaled scores `s` become `cap * tanh(s / cap)` before the mask;
+        `sinks`: `[num_heads]`, one extra logit per head in its softmax denominator, carrying no
+        value (see `AttentionImpl`); `use_fused`: the fused prologue on CUDA (None:
+        `fused.enabled`'s default)."""
         super().__init__()
         if (q_norm is None) != (k_norm is None):
             raise ValueError("q_norm and k_norm come together")
@@ -61,9 +71,15 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         self.prefix = prefix
         self.backend = backend
-        self.impl = backend.get_impl_cls()(num_heads, head_dim, scale, num_kv_heads, sliding_window)
+        self.impl = backend.get_impl_cls()(
+            num_heads, head_dim, scale, num_kv_heads, sliding_window,
+            logits_soft_cap=logits_soft_cap, sinks=sinks,
+        )  # fmt: skip
+        # NOTE: a tuple, so nn.Module does not register the model's parameter a second time.
+        self._sinks: tuple[torch.Tensor | None] = (sinks,)
         # NOTE: a tuple, so nn.Module does not register the shared modules a second time.
         self._prologue: tuple[RotaryEmbedding | None, RMSNorm | None, RMSNorm | None] = (
             rotary_emb,
@@ -152,10 +168,14 @@ class Attention(nn.Module):
     def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The batch as one causal sequence (the profiling pass: no cache).
 
+        With a soft cap or sinks, `_causal_explicit` instead.
+
         NOTE: K/V heads repeated for the query heads rather than `enable_gqa`, with which SDPA
         takes its math path on CUDA: a [heads, T, T] fp32 score matrix, tens of GiB in the
         memory-profiling pass (T = max_num_batched_tokens), which then shrank the KV cache.
         Repeated, it takes the flash kernel: memory linear in T."""
+        if self.logits_soft_cap is not None or self._sinks[0] is not None:
+            return self._causal_explicit(q, k, v)
         group = self.num_heads // self.num_kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -167,8 +187,40 @@ class Attention(nn.Module):
             scale=self.scale,
         )[0].transpose(0, 1)
 
+    def _causal_explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`_causal_sdpa` with the soft cap, the sinks and the sliding window, by the reference
+        math (`softmax_attention`), in chunks of query rows.
+
+        NOTE: chunks of ~64 MiB of fp32 scores bound the profiling pass's peak, which SDPA's
+        flash kernel keeps linear in T."""
+        num_tokens = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        q5 = q.view(num_tokens, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3)
+        key, value = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        key_pos = torch.arange(num_tokens, device=q.device)
+        chunk = max(1, (16 << 20) // max(1, self.num_heads * num_tokens))
+        out = torch.empty_like(q)
+        for lo in range(0, num_tokens, chunk):
+            hi = min(num_tokens, lo + chunk)
+            query_pos = key_pos[lo:hi, None]
+            mask = key_pos[None, :] <= query_pos
+            if self.sliding_window is not None:
+                mask &= key_pos[None, :] > query_pos - self.sliding_window
+            # [1, Hkv, G, hi - lo, D]
+            part = softmax_attention(
+                q5[None, :, :, lo:hi], key, value, mask, self.scale, self.logits_soft_cap,
+                self._sinks[0],
+            )  # fmt: skip
+            out[lo:hi] = part[0].permute(2, 0, 1, 3).reshape(hi - lo, self.num_heads, -1)
+        return out
+
     def extra_repr(self) -> str:
+        extra = ""
+        if self.logits_soft_cap is not None:
+            extra += f", logits_soft_cap={self.logits_soft_cap}"
+        if self._sinks[0] is not None:
+            extra += ", sinks=True"
         return (
             f"backend={self.backend.name}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
-            f"head_dim={self.head_dim}, sliding_window={self.sliding_window}"
+            f"head_dim={self.head_dim}, sliding_window={self.sliding_window}{extra}"
         )

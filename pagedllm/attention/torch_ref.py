@@ -5,6 +5,9 @@ cache at `slot_mapping`, then let every query row attend over its request's cach
 through the block table (causal, optional sliding window, GQA). Decode rows (query length 1)
 of all requests run as one padded, masked batch; longer query rows (prompt chunks, possibly
 after cached context) run one request at a time.
+
+Both paths take SDPA, unless the layer soft-caps its logits or has attention sinks: then
+`softmax_attention`, the explicit math in float32 (scores, cap, mask, sink column, softmax).
 """
 
 from __future__ import annotations
@@ -46,6 +49,34 @@ def gather_kv(
     value = kv_cache[1].index_select(0, flat_ids)
     shape = (batch, nb * block_size, num_kv_heads, head_dim)
     return key.view(shape), value.view(shape)
+
+
+def softmax_attention(
+    query: torch.Tensor,  # [B, Hkv, G, Q, D]: G query heads per KV head, Q rows each
+    key: torch.Tensor,  # [B, Hkv, L, D]
+    value: torch.Tensor,  # [B, Hkv, L, D]
+    mask: torch.Tensor,  # bool, broadcastable to [B, Hkv, G, Q, L]: True = visible
+    scale: float,
+    logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [Hkv * G]: query head h = kv_head * G + g
+) -> torch.Tensor:  # [B, Hkv, G, Q, D], query's dtype
+    """Softmax attention with the options of `AttentionImpl`, computed in float32.
+
+    Scores `scale * q.k`, soft-capped to `cap * tanh(s / cap)`, masked; with `sinks`, head h's
+    softmax runs over its scores plus one more logit `sinks[h]` whose column is then dropped
+    (HF gpt-oss's eager attention). Every row must see at least one key or have a sink."""
+    scores = torch.einsum("bhgqd,bhld->bhgql", query.float(), key.float()) * scale
+    if logits_soft_cap is not None:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        _, num_kv_heads, group = query.shape[:3]
+        sink = sinks.float().view(1, num_kv_heads, group, 1, 1)
+        scores = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
+    probs = scores.softmax(dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return torch.einsum("bhgql,bhld->bhgqd", probs, value.float()).to(query.dtype)
 
 
 def _key_window_start(seq_len: int, query_len: int, sliding_window: int | None) -> int:
@@ -118,14 +149,20 @@ class TorchRefAttention(AttentionImpl):
         if self.sliding_window is not None:
             mask &= key_pos[None, :] > query_pos[:, None] - self.sliding_window
         q = query[start : start + query_len].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
-        out = F.scaled_dot_product_attention(
-            q,
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            attn_mask=mask,
-            scale=self.scale,
-            enable_gqa=True,
-        )  # [1, H, Q, D]
+        if self._plain_softmax:
+            out = F.scaled_dot_product_attention(
+                q,
+                key.transpose(1, 2),
+                value.transpose(1, 2),
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
+            )  # [1, H, Q, D]
+        else:
+            group = self.num_heads // self.num_kv_heads
+            q5 = q.view(1, self.num_kv_heads, group, query_len, self.head_dim)
+            out = self._softmax_attention(q5, key.transpose(1, 2), value.transpose(1, 2), mask)
+            out = out.view(1, self.num_heads, query_len, self.head_dim)
         output[start : start + query_len] = out[0].transpose(0, 1)
 
     def _forward_decodes(
@@ -189,14 +226,30 @@ class TorchRefAttention(AttentionImpl):
         rows = torch.tensor([starts[i] for i in reqs], device=device)
         group = self.num_heads // self.num_kv_heads
         q = query[rows].view(len(reqs), self.num_kv_heads, group, self.head_dim)
-        out = F.scaled_dot_product_attention(
-            q,
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
-            scale=self.scale,
-        )  # [B, Hkv, G, D]
+        if self._plain_softmax:
+            out = F.scaled_dot_product_attention(
+                q,
+                key.transpose(1, 2),
+                value.transpose(1, 2),
+                attn_mask=mask[:, None, None, :],
+                scale=self.scale,
+            )  # [B, Hkv, G, D]
+        else:
+            out = self._softmax_attention(
+                q.unsqueeze(3), key.transpose(1, 2), value.transpose(1, 2),
+                mask[:, None, None, None, :],
+            )  # fmt: skip
         output[rows] = out.reshape(len(reqs), self.num_heads, self.head_dim)
+
+    @property
+    def _plain_softmax(self) -> bool:
+        """Neither soft cap nor sinks: SDPA computes it."""
+        return self.logits_soft_cap is None and self.sinks is None
+
+    def _softmax_attention(
+        self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return softmax_attention(q, key, value, mask, self.scale, self.logits_soft_cap, self.sinks)
 
 
 class TorchRefBackend(AttentionBackend):

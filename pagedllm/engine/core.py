@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeAlias
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.exceptions import RequestPreparationError
+from pagedllm.engine.kv_cache_spec import KVCacheSpec, uniform_sliding_window
 from pagedllm.engine.outputs import (
     EngineCoreOutput,
     GrammarOutput,
@@ -67,6 +68,10 @@ class Executor(Protocol):
     def __init__(self, config: EngineConfig) -> None: ...
 
     def determine_num_blocks(self) -> int: ...
+
+    def kv_cache_specs(self) -> dict[str, KVCacheSpec]:
+        """What each attention layer keeps per block, by layer name."""
+        ...
 
     def initialize_cache(self, num_blocks: int) -> None: ...
 
@@ -107,7 +112,12 @@ class EngineCore:
         self.num_blocks = executor.determine_num_blocks()
         executor.initialize_cache(self.num_blocks)
         executor.warm_up()
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
+        self.scheduler = Scheduler(
+            config.scheduler_config,
+            config.cache_config,
+            self.num_blocks,
+            uniform_sliding_window(executor.kv_cache_specs()),
+        )
         self.structured_output = StructuredOutputManager(
             config.model_config, reasoning_parser=config.reasoning_parser
         )

@@ -34,14 +34,53 @@ class KVCacheSpec:
 
 @dataclass(frozen=True)
 class SlidingWindowSpec(KVCacheSpec):
-    """Attention over the last `sliding_window` tokens only. Its blocks are the same as full
-    attention's today (blocks out of the window are kept until the request ends)."""
+    """Attention over the last `sliding_window` tokens only. When every layer has the same
+    window (`uniform_sliding_window`), the KV manager frees a running request's blocks once
+    they fall out of it; beside full-attention layers they are kept until the request ends."""
 
     sliding_window: int = 0
 
     def __post_init__(self) -> None:
         if self.sliding_window < 1:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+
+
+@dataclass(frozen=True)
+class MLASpec(KVCacheSpec):
+    """Multi-head latent attention (DeepSeek V2/V3): per token one row of `head_dim =
+    kv_lora_rank + qk_rope_head_dim` values (the compressed latent `c_kv`, then the shared
+    rotated key `k_pe`) for all heads together, and no separate V (`num_kv_heads` is 1): a
+    page is a single such row per token, half of what `KVCacheSpec` would count."""
+
+    kv_lora_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads != 1:
+            raise ValueError(f"an MLA cache has one latent head, got {self.num_kv_heads}")
+        if not 0 < self.kv_lora_rank < self.head_dim:
+            raise ValueError(
+                f"kv_lora_rank must be in (0, head_dim={self.head_dim}), got {self.kv_lora_rank}"
+            )
+
+    @property
+    def qk_rope_head_dim(self) -> int:
+        return self.head_dim - self.kv_lora_rank
+
+    @property
+    def page_size_bytes(self) -> int:
+        """Bytes one block of this layer holds (the latent rows only)."""
+        return self.block_size * self.head_dim * dtype_size(self.dtype)
+
+
+def uniform_sliding_window(specs: Mapping[str, KVCacheSpec]) -> int | None:
+    """The window when every layer attends through the same sliding window, else None."""
+    windows = {
+        spec.sliding_window if isinstance(spec, SlidingWindowSpec) else None
+        for spec in specs.values()
+    }
+    if len(windows) != 1:
+        return None
+    return windows.pop()
 
 
 def block_bytes(specs: Mapping[str, KVCacheSpec]) -> int:

@@ -43,12 +43,18 @@ from pagedllm.engine.structured_output import StructuredOutputRequest
 
 class Scheduler:
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        sliding_window: int | None = None,
     ) -> None:
+        """`sliding_window`: every layer's window (`uniform_sliding_window`), whose blocks out
+        of it the KV manager frees."""
         self.config = scheduler_config
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, sliding_window
         )
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()

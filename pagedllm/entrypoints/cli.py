@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         bench_serve.add_cli_args,
         bench_serve.main,
     )
+    from pagedllm.benchmarks import moe as bench_moe  # NOTE: imports Triton only when run
+
+    _command(
+        bench_sub,
+        "moe",
+        "the fused-MoE Triton kernels vs the torch reference; --sweep writes their config table",
+        bench_moe.add_cli_args,
+        bench_moe.main,
+    )
     return parser
 
 

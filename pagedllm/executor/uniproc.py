@@ -6,6 +6,7 @@ from typing import Any, cast
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import StepHandle
+from pagedllm.engine.kv_cache_spec import KVCacheSpec
 from pagedllm.engine.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.worker.model_runner import InFlightStep
 from pagedllm.worker.worker import Worker
@@ -17,6 +18,9 @@ class UniProcExecutor:
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
+
+    def kv_cache_specs(self) -> dict[str, KVCacheSpec]:
+        return self.worker.kv_cache_specs
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)

@@ -1,4 +1,5 @@
-"""Gated activations of MLPs whose gate and up projections are fused into one output."""
+"""Gated activations of MLPs whose gate and up projections are fused into one output: SwiGLU
+(`SiluAndMul`) and GeGLU (`GeluAndMul`, Gemma)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,21 @@ class SiluAndMul(nn.Module):
             return fused.kernels().silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+class GeluAndMul(nn.Module):
+    """`[..., 2 * d] → [..., d]`: `gelu(x[..., :d]) * x[..., d:]` (gate first, then up), with
+    `approximate="tanh"` (HF's `gelu_pytorch_tanh`, Gemma's) or `"none"` (exact, `gelu`)."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"

@@ -1,10 +1,11 @@
 """Rotary position embedding (RoPE): config parsing, inverse frequencies and the rotation.
 
-Supports the "default", "linear", "llama3" and "longrope" rope types, read from a transformers-5
-config (`config.rope_parameters`, a dict with `rope_theta` and `rope_type`) or a transformers-4
-one (`config.rope_theta` plus an optional `config.rope_scaling` dict). The rotation is the
-neox / HF-Llama "rotate half" form: dimension `i` pairs with `i + rotary_dim / 2`.
-cos and sin are precomputed in float32 for every position up to `max_position`.
+Supports the "default", "linear", "llama3", "longrope" and "yarn" rope types, read from a
+transformers-5 config (`config.rope_parameters`, a dict with `rope_theta` and `rope_type`) or a
+transformers-4 one (`config.rope_theta` plus an optional `config.rope_scaling` dict). The
+rotation is the neox / HF-Llama "rotate half" form: dimension `i` pairs with
+`i + rotary_dim / 2`. cos and sin (times the rope type's attention factor: LongRoPE, YaRN) are
+precomputed in float32 for every position up to `max_position`.
 
 The module looks cos/sin up by *cache row*: `cache_rows(positions)` maps a step's positions to
 rows, the identity except for LongRoPE (`LongRopeRotaryEmbedding`), whose cache holds two
@@ -24,7 +25,7 @@ from torch import nn
 from pagedllm.forward_context import get_forward_context
 from pagedllm.layers import fused
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 def get_rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -40,19 +41,21 @@ def get_rope_parameters(hf_config: Any) -> dict[str, Any]:
         params.setdefault(
             "original_max_position_embeddings", getattr(hf_config, "max_position_embeddings", None)
         )
-    elif params["rope_type"] == "longrope":
-        _standardize_longrope(hf_config, params)
+    elif params["rope_type"] in ("longrope", "yarn"):
+        _standardize_original_length(hf_config, params)
     if "partial_rotary_factor" not in params and hasattr(hf_config, "partial_rotary_factor"):
         params["partial_rotary_factor"] = hf_config.partial_rotary_factor
     return params
 
 
-def _standardize_longrope(hf_config: Any, params: dict[str, Any]) -> None:
-    """LongRoPE's `original_max_position_embeddings` and `factor`, as transformers reads them.
+def _standardize_original_length(hf_config: Any, params: dict[str, Any]) -> None:
+    """LongRoPE's and YaRN's `original_max_position_embeddings` and `factor`, as transformers
+    reads them.
 
-    Phi-3 keeps the pretraining length at the config's top level, which then wins over the rope
-    dict's; without an explicit `factor`, it is `max_position_embeddings / original` (it only
-    sets the default attention factor)."""
+    Some configs (Phi-3) keep the pretraining length at the config's top level, which then wins
+    over the rope dict's (else the dict's, else `max_position_embeddings`); without an explicit
+    `factor`, it is `max_position_embeddings / original` (LongRoPE: it only sets the default
+    attention factor; YaRN: DeepSeek-V3's convention)."""
     max_position = getattr(hf_config, "max_position_embeddings", None)
     original = getattr(hf_config, "original_max_position_embeddings", None)
     if original is not None:
@@ -81,6 +84,8 @@ def compute_inv_freq(
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float()
     if rope_type == "longrope":
         return _longrope(base ** (exponents / rotary_dim), rope_parameters, seq_len)
+    if rope_type == "yarn":
+        return _yarn(base ** (exponents / rotary_dim), base, rotary_dim, rope_parameters)
     inv_freq = 1.0 / (base ** (exponents / rotary_dim))
     if rope_type == "linear":
         inv_freq = inv_freq / rope_parameters["factor"]
@@ -112,6 +117,57 @@ def _longrope(
         )
     ext_factors = torch.tensor(ext, dtype=torch.float32, device=base_powers.device)
     return 1.0 / (ext_factors * base_powers), float(attention_factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction `0.1 * mscale * ln(factor) + 1` (1 for `factor <= 1`)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(
+    base_powers: torch.Tensor, base: float, rotary_dim: int, params: dict[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """transformers' `_compute_yarn_parameters` (YaRN, "NTK-by-parts"): each frequency blends
+    the original one (extrapolation: high frequencies, many rotations over the original length)
+    and the one divided by `factor` (interpolation: low frequencies), by a linear ramp over the
+    dimensions whose rotation counts over `original_max_position_embeddings` lie between
+    `beta_fast` and `beta_slow`; `truncate` (default True, gpt-oss: False) rounds the ramp's
+    ends outwards to whole dimensions.
+
+    The attention factor (cos/sin scale) is `attention_factor`, else
+    `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both are set and non-zero
+    (DeepSeek), else `mscale(factor)`."""
+    factor = float(params["factor"])
+    original = params["original_max_position_embeddings"]
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    # NOTE: `or`, as transformers reads them: a 0 (or None) takes the default too.
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        """The dimension whose wavelength fits `num_rotations` times into `original`."""
+        return (
+            rotary_dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+        )
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # NOTE: transformers' guard against a zero-width ramp
+    half = rotary_dim // 2
+    ramp = (torch.arange(half, dtype=torch.float32, device=base_powers.device) - low) / (high - low)
+    extrapolation = 1 - ramp.clamp(0, 1)  # 1: keep the original frequency, 0: interpolate
+    interpolated, extrapolated = 1.0 / (factor * base_powers), 1.0 / base_powers
+    inv_freq = interpolated * (1 - extrapolation) + extrapolated * extrapolation
+    return inv_freq, float(attention_factor)
 
 
 def _llama3_scale(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:

@@ -76,7 +76,7 @@ def load_model(
     `ModelContext` of the attention backend and the kernel switches."""
     hf_config = model_config.hf_config
     architectures = [model_config.architecture, *(getattr(hf_config, "architectures", None) or [])]
-    model_cls = resolve_model_cls([a for a in architectures if a])
+    model_cls = resolve_model_cls([a for a in architectures if a], model_config.model_impl)
     if model_config.dtype not in _TORCH_DTYPES:
         raise ValueError(
             f"unsupported dtype {model_config.dtype!r}; use one of {list(_TORCH_DTYPES)}"

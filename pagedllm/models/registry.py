@@ -6,6 +6,9 @@ HF config, the attention backend, prefixes, the quantization, parallel and kerne
 `forward(input_ids [T], positions [T]) -> hidden [T, H]`, `compute_logits(hidden) -> logits`,
 and `load_weights(Iterable[(hf_name, tensor)]) -> set[str]`. A model calls
 `Attention(...)(q, k, v, positions)` and never touches the KV cache.
+
+An architecture without a model file that transformers implements as a causal LM runs through
+the Transformers fallback (`models/transformers.py`); `model_impl` picks (`resolve_model`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from pagedllm.config import MODEL_IMPLS
+
 if TYPE_CHECKING:
     from torch import nn
 
 _MODELS: dict[str, str] = {
+    "DeepseekV2ForCausalLM": "pagedllm.models.deepseek_v2:DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM": "pagedllm.models.deepseek_v2:DeepseekV3ForCausalLM",
+    "Qwen2MoeForCausalLM": "pagedllm.models.qwen2_moe:Qwen2MoeForCausalLM",
+    "Gemma2ForCausalLM": "pagedllm.models.gemma2:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "pagedllm.models.gemma3:Gemma3ForCausalLM",
+    "GptOssForCausalLM": "pagedllm.models.gpt_oss:GptOssForCausalLM",
     "LlamaForCausalLM": "pagedllm.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "pagedllm.models.llama:MistralForCausalLM",
     "MixtralForCausalLM": "pagedllm.models.mixtral:MixtralForCausalLM",
@@ -39,13 +50,46 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def resolve_model_cls(architectures: list[str]) -> type[nn.Module]:
-    """The class of the first registered name in `architectures` (HF `config.architectures`)."""
-    for arch in architectures or []:
-        if arch in _MODELS:
-            module_name, cls_name = _MODELS[arch].split(":")
-            return getattr(importlib.import_module(module_name), cls_name)
+def resolve_model_cls(architectures: list[str], model_impl: str = "auto") -> type[nn.Module]:
+    """The class of `architectures` (HF `config.architectures`) under `model_impl`; see
+    `resolve_model`."""
+    return resolve_model(architectures, model_impl)[1]
+
+
+def resolve_model(
+    architectures: list[str], model_impl: str = "auto"
+) -> tuple[str, type[nn.Module]]:
+    """(the architecture used, its class). `native` and `auto`: the first registered name in
+    `architectures`; `transformers`, or `auto` when none is registered: the Transformers
+    fallback (`models/transformers.py`) for the first name transformers knows as a causal LM."""
+    if model_impl not in MODEL_IMPLS:
+        raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {model_impl!r}")
+    archs = list(architectures or [])
+    if model_impl != "transformers":
+        for arch in archs:
+            if arch in _MODELS:
+                module_name, cls_name = _MODELS[arch].split(":")
+                return arch, getattr(importlib.import_module(module_name), cls_name)
+    if model_impl != "native":
+        for arch in archs:
+            if is_transformers_causal_lm(arch):
+                from pagedllm.models.transformers import TransformersForCausalLM
+
+                return arch, TransformersForCausalLM
+    if model_impl == "native":
+        hint = "; model_impl='auto' or 'transformers' runs any causal LM transformers implements"
+    else:
+        hint = " (transformers implements none of them as a causal LM either)"
     raise ValueError(
-        f"model architectures {list(architectures or [])} are not supported; "
-        f"supported architectures: {', '.join(supported_architectures())}"
+        f"model architectures {archs} are not supported (model_impl={model_impl!r}); native "
+        f"architectures: {', '.join(supported_architectures())}{hint}"
     )
+
+
+def is_transformers_causal_lm(architecture: str) -> bool:
+    """Whether transformers implements `architecture` as a causal LM (no model is imported)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return architecture in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

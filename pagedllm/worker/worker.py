@@ -13,7 +13,7 @@ import torch
 from pagedllm.attention.backend import get_attention_backend
 from pagedllm.attention.layer import Attention
 from pagedllm.config import EngineConfig
-from pagedllm.engine.kv_cache_spec import KVCacheSpec, block_bytes
+from pagedllm.engine.kv_cache_spec import KVCacheSpec, block_bytes, uniform_sliding_window
 from pagedllm.engine.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.utils import cdiv
 from pagedllm.worker.model_runner import InFlightStep, ModelRunner
@@ -74,6 +74,11 @@ class Worker:
             num_blocks = self._profile_gpu_blocks()
         max_model_len = self.config.model_config.max_model_len
         needed = cdiv(max_model_len, cc.block_size)
+        window = uniform_sliding_window(self.kv_cache_specs)
+        if window is not None:
+            # Its blocks out of the window are freed: a step holds the window and its chunk.
+            chunk = self.config.scheduler_config.max_num_batched_tokens
+            needed = min(needed, cdiv(window - 1 + chunk, cc.block_size) + 1)
         if num_blocks < needed:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks ({num_blocks * cc.block_size} tokens), "

@@ -20,6 +20,9 @@ class FakeExecutor:
     def determine_num_blocks(self) -> int:
         return self.num_blocks
 
+    def kv_cache_specs(self) -> dict:
+        return {}
+
     def initialize_cache(self, num_blocks: int) -> None:
         pass
 

@@ -80,3 +80,47 @@ def test_full_prompt_hit_leaves_last_token() -> None:
     r2 = make_request("b", list(range(8)))
     _, n = mgr.get_computed_blocks(r2)
     assert n == 4, "the last token is always recomputed, so only the first block may hit"
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_sliding_window_frees_blocks_out_of_the_window(caching: bool) -> None:
+    """Window 6, blocks of 4: once `num_computed - 6 + 1` passes a block's end, no later query
+    reads it, and the block goes back to the pool (published ones stay findable)."""
+    mgr = KVCacheManager(num_blocks=8, block_size=4, enable_caching=caching, sliding_window=6)
+    prompt = list(range(100, 110))
+    req = make_request("a", prompt)
+    assert mgr.allocate_slots(req, 10) is not None  # first schedule: nothing dropped
+    ids = mgr.get_block_ids("a")
+    assert len(ids) == 3 and mgr.pool.num_free_blocks == 5
+    req.num_computed_tokens = 10
+    held = mgr.req_to_blocks["a"]
+    for step in range(14):  # decode one token a step
+        req.append_output_token_ids([7 + step])
+        assert mgr.allocate_slots(req, 1) is not None
+        req.num_computed_tokens += 1
+        computed = req.num_computed_tokens - 1  # when this step's allocation ran
+        dropped = max(computed - 6 + 1, 0) // 4
+        if caching:  # only published (full, computed) blocks are dropped
+            dropped = min(dropped, computed // 4)
+        assert mgr.num_dropped.get("a", 0) == dropped
+        assert all(b.block_id == -1 for b in held[:dropped])
+        assert all(b.block_id >= 0 and b.ref_cnt == 1 for b in held[dropped:])
+        assert mgr.pool.num_free_blocks == 8 - (len(held) - dropped)
+    assert mgr.num_dropped["a"] >= 3, "the prompt's blocks went back to the pool"
+    if caching:  # a dropped block is still a prefix-cache hit for the same prompt
+        hits, n = mgr.get_computed_blocks(make_request("b", prompt + [1, 2]))
+        assert n == 8 and [b.block_id for b in hits] == ids[:2]
+    mgr.free(req)
+    assert mgr.pool.num_free_blocks == 8 and "a" not in mgr.num_dropped
+
+
+def test_sliding_window_none_beside_full_attention() -> None:
+    from pagedllm.engine.kv_cache_spec import KVCacheSpec, SlidingWindowSpec, uniform_sliding_window
+
+    full = KVCacheSpec(16, 2, 8, "float32")
+    swa = SlidingWindowSpec(16, 2, 8, "float32", sliding_window=32)
+    assert uniform_sliding_window({"a": swa, "b": swa}) == 32
+    assert uniform_sliding_window({"a": swa, "b": full}) is None
+    assert uniform_sliding_window({"a": full}) is None
+    other = SlidingWindowSpec(16, 2, 8, "float32", sliding_window=64)
+    assert uniform_sliding_window({"a": swa, "b": other}) is None

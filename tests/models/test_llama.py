@@ -373,8 +373,8 @@ def test_rope_parameters_transformers4_style() -> None:
     torch.testing.assert_close(inv_freq_v4, inv_freq_v5, atol=0, rtol=0)
     plain = get_rope_parameters(SimpleNamespace(rope_theta=1e6, rope_scaling=None))
     assert plain == {"rope_theta": 1e6, "rope_type": "default"}
-    with pytest.raises(NotImplementedError, match="yarn"):
-        compute_inv_freq(64, {"rope_type": "yarn", "rope_theta": 1e4})
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        compute_inv_freq(64, {"rope_type": "dynamic", "rope_theta": 1e4})
 
 
 def test_layer_sliding_window_transformers4_configs() -> None:

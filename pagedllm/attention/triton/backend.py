@@ -3,8 +3,9 @@
 Owns the mapping of `AttentionImpl.forward` onto the kernels of `kernels.py`: one cache-write
 launch (none when the attention layer's fused prologue stored K/V: `kv_written`), then a decode
 launch (requests of a few query rows, split over the KV axis when the batch is too small to fill
-the GPU) and/or a varlen launch (prompts and prompt chunks). Runs on CPU tensors too under
-`TRITON_INTERPRET=1` (tests only: slow).
+the GPU) and/or a varlen launch (prompts and prompt chunks), with the layer's soft cap and sinks
+as constexpr options of the kernels. Runs on CPU tensors too under `TRITON_INTERPRET=1` (tests
+only: slow).
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ class TritonAttention(AttentionImpl):
         scale: float,
         num_kv_heads: int,
         sliding_window: int | None = None,
+        *,
+        logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(num_heads, head_dim, scale, num_kv_heads, sliding_window)
+        super().__init__(
+            num_heads, head_dim, scale, num_kv_heads, sliding_window,
+            logits_soft_cap=logits_soft_cap, sinks=sinks,
+        )  # fmt: skip
         self.num_kv_splits: int | None = None
         self.use_decode_launch = True
 
@@ -73,6 +80,8 @@ class TritonAttention(AttentionImpl):
             self.sliding_window,
             num_splits=self.num_kv_splits,
             use_decode_launch=self.use_decode_launch,
+            logits_soft_cap=self.logits_soft_cap,
+            sinks=self.sinks,
         )
         return output
 

@@ -16,6 +16,11 @@ Owns:
     the requests of more query rows (prompts and prompt chunks).
 - The tile sizes and the split count come from `tiles.py` (host heuristics; re-exported here).
 
+Two softmax options, constexpr flags (off: the kernel bodies are exactly those without them): `SOFT_CAP` (scores `cap * tanh(s / cap)`, Gemma 2) and `HAS_SINKS` (one value-less logit
+per head in the softmax denominator, gpt-oss). Without splits the sink seeds the running max and
+sum (`m = sink, l = 1`: a key of weight `exp(sink)` and value 0); with splits the partials carry
+none and `_reduce_splits_kernel` adds it once.
+
 Tensors: query/output `[T, H, D]`; K and V caches `[num_blocks, block_size, Hkv, D]` (views of
 the `[2, ...]` cache); block table `[num_reqs, width]`, seq lens and query start locs int32.
 Row `r` of a program's tile is query token `r // G` of its block and head `kv_head * G + r % G`.
@@ -66,6 +71,7 @@ _LOG2E = math.log2(math.e)
 # NOTE: the running max starts finite so that a row whose keys are all masked so far keeps
 # exp2(-inf - m) = 0 and alpha = 1 instead of NaN.
 _M_INIT = tl.constexpr(-1.0e30)
+_LOG2E_K = tl.constexpr(_LOG2E)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +192,14 @@ def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr)
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 of a non-positive argument (no overflow at any |x|)."""
+    t = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E_K))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
 def _attend_tile(
     acc,
     l_i,
@@ -200,6 +214,7 @@ def _attend_tile(
     q_pos,
     window,
     qk_scale,
+    cap_scale,
     stride_cb,
     stride_cs,
     HEAD_DIM: tl.constexpr,
@@ -208,10 +223,14 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr,
     APPLY_MASK: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over KV positions `start : start + BLOCK_N`, read through the
-    block table. Without `APPLY_MASK` every position must be `< kv_hi` and visible to every row."""
+    block table. Without `APPLY_MASK` every position must be `< kv_hi` and visible to every row.
+
+    Scores in the exp2 domain: `q.k * qk_scale`, or with `SOFT_CAP`
+    `tanh(q.k * qk_scale) * cap_scale` (qk_scale = scale / cap, cap_scale = cap * log2(e))."""
     pos = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P)
     if APPLY_MASK:
@@ -230,6 +249,8 @@ def _attend_tile(
     else:
         k = tl.load(k_ptrs)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if SOFT_CAP:
+        s = _tanh(s) * cap_scale
     if APPLY_MASK:
         visible = pos[None, :] <= q_pos[:, None]
         if USE_WINDOW:
@@ -264,11 +285,13 @@ def _paged_attention_kernel(
     part_acc_ptr,  # fp32 [T, H, num_splits, D] (SPLIT only)
     part_m_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
     part_l_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
+    sinks_ptr,  # [H] (HAS_SINKS only)
     num_reqs,
     min_query_len,
     num_heads,
     num_splits,
     qk_scale,
+    cap_scale,
     window,
     stride_qt,
     stride_qh,
@@ -289,6 +312,8 @@ def _paged_attention_kernel(
     HAS_ORDER: tl.constexpr,
     SPLIT: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # NOTE: grid (KV head, request or q block, split): the KV heads of one q block run side by
@@ -345,25 +370,29 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    if HAS_SINKS and not SPLIT:
+        # The sink as a key of logit `sink` and value 0 (the reduction adds it with splits).
+        m_i = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E_K
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     bt_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
     kv_off = kv_head * stride_ch
     for start in range(tile_lo, tl.minimum(full_lo, tile_hi), BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
-            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N, BLOCK_SIZE,
-            True, USE_WINDOW, DOT_PRECISION,
+            window, qk_scale, cap_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N,
+            BLOCK_SIZE, True, USE_WINDOW, SOFT_CAP, DOT_PRECISION,
         )  # fmt: skip
     for start in range(tl.maximum(tile_lo, full_lo), tl.minimum(full_hi, tile_hi), BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
-            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N, BLOCK_SIZE,
-            False, USE_WINDOW, DOT_PRECISION,
+            window, qk_scale, cap_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N,
+            BLOCK_SIZE, False, USE_WINDOW, SOFT_CAP, DOT_PRECISION,
         )  # fmt: skip
     for start in range(tl.maximum(tile_lo, full_hi), tile_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
-            window, qk_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N, BLOCK_SIZE,
-            True, USE_WINDOW, DOT_PRECISION,
+            window, qk_scale, cap_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N,
+            BLOCK_SIZE, True, USE_WINDOW, SOFT_CAP, DOT_PRECISION,
         )  # fmt: skip
 
     if SPLIT:
@@ -385,6 +414,7 @@ def _reduce_splits_kernel(
     part_acc_ptr,
     part_m_ptr,
     part_l_ptr,
+    sinks_ptr,  # [H] (HAS_SINKS only)
     num_heads,
     num_splits,
     stride_ot,
@@ -392,8 +422,10 @@ def _reduce_splits_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     SPLITS_P: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
-    """One program per (token, head): the softmax-weighted sum of the splits' partials."""
+    """One program per (token, head): the softmax-weighted sum of the splits' partials (and,
+    with `HAS_SINKS`, the head's sink once in the denominator)."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     base = (row * num_heads + head) * num_splits
@@ -402,11 +434,18 @@ def _reduce_splits_kernel(
     s_mask = offs_s < num_splits
     m = tl.load(part_m_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
     l_s = tl.load(part_l_ptr + base + offs_s, mask=s_mask, other=0.0)
-    weight = tl.exp2(m - tl.max(m, 0))  # empty splits: exp2(-1e30 - max) = 0
+    m_max = tl.max(m, 0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E_K
+        m_max = tl.maximum(m_max, sink)
+    weight = tl.exp2(m - m_max)  # empty splits: exp2(-1e30 - max) = 0
     acc_ptrs = part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
     acc_mask = _in_head(s_mask[:, None], offs_d[None, :], HEAD_DIM, HEAD_DIM_P)
     acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
+    denom = tl.sum(l_s * weight, 0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink - m_max)
+    out = tl.sum(acc * weight[:, None], 0) / denom
     out_ptrs = out_ptr + row * stride_ot + head * stride_oh + offs_d
     if HEAD_DIM_P != HEAD_DIM:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
@@ -434,11 +473,14 @@ def paged_attention(
     use_decode_launch: bool = True,
     decode_tiles: TileConfig | None = None,
     varlen_tiles: TileConfig | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [H]
 ) -> None:
     """Attention of the batch's first `num_actual_tokens` query rows over the paged cache.
 
     `num_splits`: KV splits of a pure-decode batch (None: `choose_num_splits`; 1: off).
     `use_decode_launch=False` sends every request through the varlen launch (tests).
+    `logits_soft_cap` and `sinks`: the softmax options of `AttentionImpl`.
     """
     num_tokens, num_reqs = metadata.num_actual_tokens, metadata.num_reqs
     if num_tokens == 0 or num_reqs == 0:
@@ -451,7 +493,11 @@ def paged_attention(
     dec = decode_tiles or decode_config(group, head_dim, query.dtype)
     var = varlen_tiles or varlen_config(group, head_dim, query.dtype)
     dec_q = dec.block_m // group if use_decode_launch else 0
-    common = _LaunchArgs(query, kv_cache, metadata, output, scale, sliding_window)
+    if sinks is not None:
+        assert sinks.shape == (num_heads,) and sinks.stride(0) == 1
+    common = _LaunchArgs(
+        query, kv_cache, metadata, output, scale, sliding_window, logits_soft_cap, sinks
+    )
     if metadata.max_query_len <= dec_q:
         max_kv_len = metadata.max_seq_len
         if sliding_window is not None:
@@ -477,6 +523,8 @@ class _LaunchArgs:
     output: torch.Tensor
     scale: float
     sliding_window: int | None
+    logits_soft_cap: float | None
+    sinks: torch.Tensor | None
 
 
 def _launch(
@@ -502,6 +550,11 @@ def _launch(
         part_l = torch.empty(num_tokens, num_heads, num_splits, **f32)
     else:
         part_acc = part_m = part_l = output  # unused
+    sinks = output if a.sinks is None else a.sinks  # unused without HAS_SINKS
+    cap = a.logits_soft_cap
+    # NOTE: exp2 domain; with a cap the kernel computes tanh(q.k * scale / cap) * cap * log2(e).
+    qk_scale = a.scale * _LOG2E if cap is None else a.scale / cap
+    cap_scale = 1.0 if cap is None else cap * _LOG2E
     _paged_attention_kernel[grid](
         output,
         query,
@@ -514,11 +567,13 @@ def _launch(
         part_acc,
         part_m,
         part_l,
+        sinks,
         md.num_reqs,
         min_query_len,
         num_heads,
         num_splits,
-        a.scale * _LOG2E,
+        qk_scale,
+        cap_scale,
         a.sliding_window or 0,
         query.stride(0),
         query.stride(1),
@@ -539,6 +594,8 @@ def _launch(
         HAS_ORDER=order is not None,
         SPLIT=split,
         USE_WINDOW=a.sliding_window is not None,
+        SOFT_CAP=cap is not None,
+        HAS_SINKS=a.sinks is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
@@ -549,6 +606,7 @@ def _launch(
             part_acc,
             part_m,
             part_l,
+            sinks,
             num_heads,
             num_splits,
             output.stride(0),
@@ -556,5 +614,6 @@ def _launch(
             HEAD_DIM=head_dim,
             HEAD_DIM_P=padded_head_dim(head_dim),
             SPLITS_P=triton.next_power_of_2(num_splits),
+            HAS_SINKS=a.sinks is not None,
             num_warps=4,
         )
