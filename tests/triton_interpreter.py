@@ -87,3 +87,39 @@ def patch_interpreter() -> None:
     interpreter._patch_lang_tensor = patched_tensor
     interpreter.InterpreterBuilder.cast_impl = patched_cast
     interpreter.InterpreterBuilder.create_dot = patched_dot
+
+
+def interpret_without_cuda() -> bool:
+    """For a model test module whose tests also run the Triton kernels: call it at the top,
+    before triton is imported. Without CUDA it turns Triton's interpreter on; it returns whether
+    triton was imported too early for that (another module imported it without the
+    interpreter: Triton reads `TRITON_INTERPRET` when a kernel is defined)."""
+    import os
+    import sys
+
+    import torch
+
+    too_early = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return too_early
+
+
+def force_fused_kernels(monkeypatch: pytest.MonkeyPatch, too_early: bool) -> None:
+    """A test that runs a model through its Triton kernels: on CUDA as they are; without CUDA
+    under the interpreter (skipped when `too_early`), with the fused kernels forced on and the
+    linears' GEMV (tested in tests/layers/test_gemv.py) off."""
+    import os
+
+    import torch
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1" or too_early:
+        pytest.skip("no GPU, and triton was imported without TRITON_INTERPRET=1")
+    from pagedllm.layers import fused
+
+    patch_interpreter()
+    monkeypatch.setattr(fused, "enabled", lambda x, switch=None: True)
+    monkeypatch.setattr(fused, "gemv_enabled", lambda: False, raising=False)

@@ -49,7 +49,7 @@ from pagedllm.layers.linear import (
     divide,
 )
 from pagedllm.layers.rotary import RotaryEmbedding, get_rope_parameters, yarn_mscale
-from pagedllm.models.llama import LlamaFlags, LlamaForCausalLM, LlamaMLP
+from pagedllm.models.llama import LlamaDecoderLayer, LlamaFlags, LlamaForCausalLM
 from pagedllm.models.qwen2_moe import GatedMLP
 from pagedllm.models.utils import ModelContext, linear_kwargs
 
@@ -244,42 +244,24 @@ class DeepseekV2Attention(nn.Module):
         return self.o_proj(self.mla(q, kv_c, k_pe, positions))
 
 
-class DeepseekV2DecoderLayer(nn.Module):
-    """Pre-norm MLA and MLP (dense or `DeepseekV2MoE`), in `LlamaModel`'s layer contract:
-    `layer(positions, hidden, residual) -> (hidden, residual)`."""
+class DeepseekV2DecoderLayer(LlamaDecoderLayer):
+    """Llama's pre-norm layer with MLA and an MLP (dense, or `DeepseekV2MoE` from
+    `first_k_dense_replace` on)."""
 
     # Which HF architecture's routing and rope layout the layer follows.
     version = 2
 
-    def __init__(
+    def make_attention(
         self, ctx: ModelContext, layer_idx: int, head_dim: int, rotary_emb: RotaryEmbedding,
         flags: LlamaFlags,
-    ) -> None:  # fmt: skip
-        super().__init__()
-        cfg, fused_ops = ctx.hf_config, ctx.kernel_config.fused_ops
-        interleaved = self.version == 2 or bool(getattr(cfg, "rope_interleave", True))
-        self.self_attn = DeepseekV2Attention(ctx.child("self_attn"), rotary_emb, interleaved)
-        self.mlp: nn.Module
-        if is_moe_layer(cfg, layer_idx):
-            self.mlp = DeepseekV2MoE(ctx.child("mlp"), self.version)
-        else:
-            self.mlp = LlamaMLP(ctx.child("mlp"), flags.mlp_bias)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops
-        )
+    ) -> nn.Module:  # fmt: skip
+        interleaved = self.version == 2 or bool(getattr(ctx.hf_config, "rope_interleave", True))
+        return DeepseekV2Attention(ctx, rotary_emb, interleaved)
 
-    def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+    def make_mlp(self, ctx: ModelContext, layer_idx: int, flags: LlamaFlags) -> nn.Module:
+        if is_moe_layer(ctx.hf_config, layer_idx):
+            return DeepseekV2MoE(ctx, self.version)
+        return super().make_mlp(ctx, layer_idx, flags)
 
 
 class DeepseekV3DecoderLayer(DeepseekV2DecoderLayer):

@@ -33,7 +33,6 @@ from torch import nn
 from pagedllm.attention.layer import Attention
 from pagedllm.distributed import get_tp_rank
 from pagedllm.layers.fused_moe import FusedMoE
-from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.models.llama import (
@@ -134,26 +133,17 @@ class GptOssMoE(nn.Module):
         return self.experts(hidden_states, self.router(hidden_states))
 
 
-class GptOssDecoderLayer(nn.Module):
-    """Pre-norm attention and MoE, each added to the residual stream (Llama's layout: the
-    forward is `LlamaDecoderLayer`'s)."""
+class GptOssDecoderLayer(LlamaDecoderLayer):
+    """Llama's pre-norm layer with gpt-oss's attention (sinks, its window) and MoE."""
 
-    def __init__(
+    def make_attention(
         self, ctx: ModelContext, layer_idx: int, head_dim: int, rotary_emb: RotaryEmbedding,
         flags: LlamaFlags,
-    ) -> None:  # fmt: skip
-        super().__init__()
-        cfg, fused_ops = ctx.hf_config, ctx.kernel_config.fused_ops
-        self.self_attn = GptOssAttention(
-            ctx.child("self_attn"), layer_idx, head_dim, rotary_emb, flags
-        )
-        self.mlp = GptOssMoE(ctx.child("mlp"))
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops
-        )
+    ) -> nn.Module:  # fmt: skip
+        return GptOssAttention(ctx, layer_idx, head_dim, rotary_emb, flags)
 
-    forward = LlamaDecoderLayer.forward
+    def make_mlp(self, ctx: ModelContext, layer_idx: int, flags: LlamaFlags) -> nn.Module:
+        return GptOssMoE(ctx)
 
 
 class GptOssForCausalLM(LlamaForCausalLM):

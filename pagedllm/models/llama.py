@@ -148,14 +148,25 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         cfg, fused_ops = ctx.hf_config, ctx.kernel_config.fused_ops
-        self.self_attn = LlamaAttention(
+        self.self_attn = self.make_attention(
             ctx.child("self_attn"), layer_idx, head_dim, rotary_emb, flags
         )
-        self.mlp = LlamaMLP(ctx.child("mlp"), flags.mlp_bias)
+        self.mlp = self.make_mlp(ctx.child("mlp"), layer_idx, flags)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops
         )
+
+    def make_attention(
+        self, ctx: ModelContext, layer_idx: int, head_dim: int, rotary_emb: RotaryEmbedding,
+        flags: LlamaFlags,
+    ) -> nn.Module:  # fmt: skip
+        """The layer's `self_attn` (a model with another attention overrides this)."""
+        return LlamaAttention(ctx, layer_idx, head_dim, rotary_emb, flags)
+
+    def make_mlp(self, ctx: ModelContext, layer_idx: int, flags: LlamaFlags) -> nn.Module:
+        """The layer's `mlp` (an MoE model overrides this, for its sparse layers)."""
+        return LlamaMLP(ctx, flags.mlp_bias)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None

@@ -72,9 +72,8 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
     """A Llama decoder layer whose MLP is `MixtralMoE` (`self.mlp`, named `block_sparse_moe` in
     the checkpoint)."""
 
-    def __init__(self, ctx: ModelContext, layer_idx: int, *args: Any) -> None:
-        super().__init__(ctx, layer_idx, *args)
-        self.mlp = MixtralMoE(ctx.child("mlp"))
+    def make_mlp(self, ctx: ModelContext, layer_idx: int, flags: LlamaFlags) -> nn.Module:
+        return MixtralMoE(ctx)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

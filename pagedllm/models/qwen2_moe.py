@@ -74,10 +74,10 @@ class Qwen2MoeSparseMoeBlock(MixtralMoE):
 
 
 class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, ctx: ModelContext, layer_idx: int, *args: Any) -> None:
-        super().__init__(ctx, layer_idx, *args)
+    def make_mlp(self, ctx: ModelContext, layer_idx: int, flags: LlamaFlags) -> nn.Module:
         if is_sparse_layer(ctx.hf_config, layer_idx):
-            self.mlp = Qwen2MoeSparseMoeBlock(ctx.child("mlp"))
+            return Qwen2MoeSparseMoeBlock(ctx)
+        return super().make_mlp(ctx, layer_idx, flags)
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):

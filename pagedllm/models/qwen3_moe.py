@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
-from pagedllm.models.llama import LlamaDecoderLayer, Qwen3ForCausalLM
+from pagedllm.models.llama import LlamaDecoderLayer, LlamaFlags, Qwen3ForCausalLM
 from pagedllm.models.mixtral import MixtralMoE, load_moe_weights
 from pagedllm.models.utils import ModelContext
 
@@ -30,16 +31,16 @@ def is_sparse_layer(hf_config: Any, layer_idx: int) -> bool:
 
 
 class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, ctx: ModelContext, layer_idx: int, *args: Any) -> None:
-        super().__init__(ctx, layer_idx, *args)
+    def make_mlp(self, ctx: ModelContext, layer_idx: int, flags: LlamaFlags) -> nn.Module:
         cfg = ctx.hf_config
-        if is_sparse_layer(cfg, layer_idx):
-            self.mlp = MixtralMoE(
-                ctx.child("mlp"),
-                num_experts=cfg.num_experts,
-                intermediate_size=cfg.moe_intermediate_size,
-                renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
-            )
+        if not is_sparse_layer(cfg, layer_idx):
+            return super().make_mlp(ctx, layer_idx, flags)
+        return MixtralMoE(
+            ctx,
+            num_experts=cfg.num_experts,
+            intermediate_size=cfg.moe_intermediate_size,
+            renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
+        )
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):

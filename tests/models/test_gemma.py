@@ -19,8 +19,6 @@ scaling (factor 8) and a local one with another base.
 # ruff: noqa: E402 (the environment is read before triton's first import, below)
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,16 +26,15 @@ from typing import Any
 import pytest
 import torch
 
-# NOTE: as in test_phi3_olmo2: Triton reads TRITON_INTERPRET when a kernel is defined.
-_TRITON_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_interpreter import force_fused_kernels, interpret_without_cuda
+
+# NOTE: before triton is first imported (the transformers model modules import it).
+_TRITON_TOO_EARLY = interpret_without_cuda()
 
 from transformers import Gemma2Config, Gemma3TextConfig, PretrainedConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 
 from pagedllm.attention.layer import Attention
-from pagedllm.layers import fused
 from pagedllm.layers.layernorm import GemmaRMSNorm
 from pagedllm.layers.rotary import get_rope
 from pagedllm.models.gemma2 import Gemma2ForCausalLM, gemma_layer_is_sliding
@@ -45,7 +42,6 @@ from pagedllm.models.gemma3 import Gemma3ForCausalLM, gemma3_rope_parameters
 from tests.models.harness import assert_greedy_matches_hf, save_hf_model
 from tests.models.test_llama import ATOL, _hf_logits, _load, _paged_logits, _random_ids
 from tests.tiny_models import VOCAB_SIZE
-from tests.triton_interpreter import patch_interpreter
 
 WINDOW = 16
 MAX_POSITION = 256
@@ -266,15 +262,9 @@ def test_triton_backend_and_fused_kernels_greedy_match_hf(
     """Gemma 3 on the Triton backend with the fused kernels (without a GPU, under Triton's
     interpreter): fused RMSNorms with float32 `1 + w` weights, the fused prologue normalizing
     q/k by them, the windowed and global kernels."""
-    pytest.importorskip("triton", reason="triton is not installed")
+    force_fused_kernels(monkeypatch, _TRITON_TOO_EARLY)
     from pagedllm.layers import fused_kernels
 
-    if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1" or _TRITON_TOO_EARLY:
-            pytest.skip("no GPU, and triton was imported without TRITON_INTERPRET=1")
-        patch_interpreter()
-        monkeypatch.setattr(fused, "enabled", lambda x, switch=None: True)
-        monkeypatch.setattr(fused, "gemv_enabled", lambda: False, raising=False)
     calls: list[bool] = []
     original = fused_kernels.rope_norm_and_cache_
 

@@ -18,19 +18,16 @@ clamps bite and the alpha read from the config matters.
 # ruff: noqa: E402 (the environment is read before triton's first import, below)
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-# NOTE: Triton reads TRITON_INTERPRET when a kernel is defined: if another test module imported
-# triton before this one without it, the kernel test below cannot run here (it skips).
-_TRITON_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_interpreter import force_fused_kernels, interpret_without_cuda
+
+# NOTE: before triton is first imported (the transformers model modules import it).
+_TRITON_TOO_EARLY = interpret_without_cuda()
 
 from torch.nn import functional as F
 from transformers import GptOssConfig
@@ -39,7 +36,6 @@ from pagedllm.layers import fused
 from pagedllm.layers.fused_moe import FusedMoE
 from tests.models.harness import assert_greedy_matches_hf, save_hf_model
 from tests.models.test_llama import _hf_logits, _load, _our_logits, _paged_logits, _random_ids
-from tests.triton_interpreter import patch_interpreter
 
 ALPHA, LIMIT = 1.3, 1.5  # swigluoai's sigmoid gain and clamp (gpt-oss: 1.702, 7.0)
 
@@ -235,17 +231,10 @@ def test_triton_kernels_greedy_match_hf(gpt_oss_dir: Path, monkeypatch: pytest.M
     """The Triton attention backend (sinks, sliding windows), the fused prologue (YaRN's scaled
     cos/sin) and the MoE kernels (swigluoai, biases): without a GPU, under Triton's
     interpreter, on few short generations (the interpreter is slow)."""
-    pytest.importorskip("triton", reason="triton is not installed")
+    force_fused_kernels(monkeypatch, _TRITON_TOO_EARLY)
     from pagedllm.attention.triton.backend import TritonAttention
     from pagedllm.layers.fused_moe import kernels
 
-    if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1" or _TRITON_TOO_EARLY:
-            pytest.skip("no GPU, and triton was imported without TRITON_INTERPRET=1")
-        patch_interpreter()
-        monkeypatch.setattr(fused, "enabled", lambda x, switch=None: True)
-        # NOTE: the linears' GEMV kernels (tested in tests/layers/test_gemv.py) stay off.
-        monkeypatch.setattr(fused, "gemv_enabled", lambda: False, raising=False)
     calls: list[str] = []
     moe_forward, attn_forward = kernels.forward_layer, TritonAttention.forward
 

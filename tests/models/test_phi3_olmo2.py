@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import math
-import os
 import random
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,13 +24,10 @@ from typing import Any
 import pytest
 import torch
 
-# NOTE: Triton reads TRITON_INTERPRET when a kernel is defined: if another test module imported
-# triton before this one without it, the kernel test below cannot run here (it skips).
-_TRITON_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    # Triton's interpreter for the kernel test below: set before triton is first imported (the
-    # transformers model modules import it), as the kernel test modules do.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_interpreter import force_fused_kernels, interpret_without_cuda
+
+# NOTE: before triton is first imported (the transformers model modules import it).
+_TRITON_TOO_EARLY = interpret_without_cuda()
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,7 +40,6 @@ from pagedllm.attention.backend import get_attention_backend, kv_cache_shape
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.utils import build_metadata
 from pagedllm.forward_context import set_forward_context
-from pagedllm.layers import fused
 from pagedllm.layers.rotary import (
     LongRopeRotaryEmbedding,
     compute_inv_freq,
@@ -66,7 +60,6 @@ from tests.models.test_llama import (
     _save,
 )
 from tests.tiny_models import VOCAB_SIZE, hf_greedy, load_hf
-from tests.triton_interpreter import patch_interpreter
 
 ORIGINAL = 64  # LongRoPE's original_max_position_embeddings
 MAX_POSITION = 256
@@ -449,16 +442,9 @@ def test_triton_kernels_greedy_match_hf_generate(
     interpreter): the fused prologue rotates by LongRoPE's cache rows (halves of 12: masked
     tiles) and writes the cache; OLMo 2's whole-projection norms run the fused RMSNorm on
     strided views of the qkv projection."""
-    pytest.importorskip("triton", reason="triton is not installed")
+    force_fused_kernels(monkeypatch, _TRITON_TOO_EARLY)
     from pagedllm.layers import fused_kernels
 
-    if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1" or _TRITON_TOO_EARLY:
-            pytest.skip("no GPU, and triton was imported without TRITON_INTERPRET=1")
-        patch_interpreter()
-        monkeypatch.setattr(fused, "enabled", lambda x, switch=None: True)
-        # NOTE: the linears' GEMV kernels (tested in tests/layers/test_gemv.py) stay off.
-        monkeypatch.setattr(fused, "gemv_enabled", lambda: False, raising=False)
     calls: list[int] = []
     original = fused_kernels.rope_norm_and_cache_
 
