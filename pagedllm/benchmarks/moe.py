@@ -17,7 +17,7 @@ the graph time.
 candidate tiles (`GEMM_CANDIDATES`, those whose pipeline fits in shared memory), keeps each
 GEMM's best, and compares the sums. A config whose output differs from the default config's by
 more than a few rounding steps is reported and skipped. It then writes
-`configs/<config_file_name>.json` in the package (or `--output`), which `kernels.get_config`
+`configs/<config_file_name>.json` in the package (or `--output`), which `tuning.get_config`
 reads at run time. Compiles dominate (each `BLOCK_M` x tile config compiles once, then serves
 every token count): about 20 tile configs x 2 GEMMs x 4 `BLOCK_M` values at ~1 s each, so
 about 3-4 minutes for the 13 token counts (estimated from a partial sweep on an H200).
@@ -102,7 +102,7 @@ def main(ns: argparse.Namespace) -> None:
 
 
 def write_table(path: Path, table: dict[int, Any], top_k: int) -> None:
-    """The JSON `kernels.load_table` reads: token count → `MoEConfig.to_json()`; keys starting
+    """The JSON `tuning.load_table` reads: token count → `MoEConfig.to_json()`; keys starting
     with "_" are notes (the top-k it was swept at: the best tiles follow the slots per expert)."""
     entries = [f'"_swept_top_k": {top_k}']
     entries += [f'"{t}": {json.dumps(cfg.to_json())}' for t, cfg in sorted(table.items())]

@@ -215,12 +215,14 @@ def test_forward_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_config_table_lookup(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The table's nearest swept token count (log scale, ties to the smaller); the default
     heuristic without a table; the JSON round trip the sweep writes."""
+    from pagedllm.layers.fused_moe import tuning
+
     a = K.MoEConfig(16, K.GemmConfig(32, 128, 1, 4, 4), K.GemmConfig(64, 64, 1, 4, 3))
     b = K.MoEConfig(64, K.GemmConfig(128, 64, 16, 8, 3), K.GemmConfig(256, 64, 1, 8, 4))
     name = K.config_file_name(8, 24, 40, torch.bfloat16, "Some_GPU")
     assert name == "E8-I24-H40-bfloat16-Some_GPU.json"
     moe_bench.write_table(tmp_path / name, {1: a, 64: b}, top_k=2)
-    monkeypatch.setattr(K, "configs_dir", lambda: tmp_path)
+    monkeypatch.setattr(tuning, "configs_dir", lambda: tmp_path)
     K.load_table.cache_clear()
     try:
         get = lambda t: K.get_config(t, 8, 24, 40, torch.bfloat16, "Some_GPU")  # noqa: E731
