@@ -1,6 +1,7 @@
 """`load_model`: the model class from the registry, built in its dtype on the device, then
 its weights filled by the loader of `model_config.load_format`, then each layer's quantization
-method's `process_weights_after_loading`.
+method's `process_weights_after_loading`. The quantization config is the one the checkpoint's
+config.json names (`quantization_config.quant_method`, see `quantization_config_from_hf`).
 
 Load formats are registered by name as `module:function`, imported lazily; each function has
 the signature `(model: nn.Module, model_config: ModelConfig) -> None` and fills every parameter.
@@ -18,7 +19,7 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend
 from pagedllm.config import KernelConfig, ModelConfig, ParallelConfig
-from pagedllm.layers.quantization.base import QuantizeMethodBase
+from pagedllm.layers.quantization.base import QuantizeMethodBase, quantization_config_from_hf
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import resolve_model_cls
 from pagedllm.models.utils import make_context
@@ -82,10 +83,12 @@ def load_model(
             f"unsupported dtype {model_config.dtype!r}; use one of {list(_TORCH_DTYPES)}"
         )
     weights_loader = get_weights_loader(model_config.load_format)
+    # NOTE: read before anything is allocated, so an unknown method fails fast.
+    quant_config = quantization_config_from_hf(hf_config)
     # NOTE: parameters are allocated directly on the device in the target dtype (no float32
     # copy on the host first); they hold garbage until the weights loader fills them.
     with torch.device(device), _default_dtype(_TORCH_DTYPES[model_config.dtype]):
-        ctx = make_context(hf_config, attn_backend, kernel_config, parallel_config)
+        ctx = make_context(hf_config, attn_backend, kernel_config, parallel_config, quant_config)
         model = model_cls(ctx)
     with torch.no_grad():
         weights_loader(model, model_config)

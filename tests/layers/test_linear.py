@@ -185,7 +185,7 @@ def clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_registry_unknown_name_lists_the_known_ones(clean_registry: None) -> None:
     register_quantization_config("transposed", TransposedConfig)
-    with pytest.raises(ValueError, match=r"'nope'.*available: transposed, unquantized"):
+    with pytest.raises(ValueError, match=r"'nope'.*available: awq, gptq, transposed, unquantized"):
         get_quantization_config("nope")
     assert "unquantized" in available_quantization_configs()
 

@@ -1,5 +1,6 @@
 """Quantization methods of the layers: the interface and registry (`base`) and one module per
-method (`unquantized`: F.linear and the GEMV). Further methods are imported on first use."""
+method (`unquantized`: F.linear and the GEMV; `gptq`, `awq`: packed integer weights, with
+`packed` their shared loading and dequantization). Further methods are imported on first use."""
 
 from pagedllm.layers.quantization.base import (
     LinearMethodBase,
@@ -7,6 +8,7 @@ from pagedllm.layers.quantization.base import (
     QuantizeMethodBase,
     available_quantization_configs,
     get_quantization_config,
+    quantization_config_from_hf,
     register_quantization_config,
     set_weight_attrs,
 )
@@ -20,6 +22,7 @@ __all__ = [
     "UnquantizedLinearMethod",
     "available_quantization_configs",
     "get_quantization_config",
+    "quantization_config_from_hf",
     "register_quantization_config",
     "set_weight_attrs",
 ]

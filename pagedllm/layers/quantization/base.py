@@ -10,6 +10,8 @@ collectives, so a new quantization method is one file: a config and its linear m
 
 Configs are registered by name (`register_quantization_config`), as `module:Class` imported on
 first use or as a class; `get_quantization_config(name)` returns the class.
+`quantization_config_from_hf(hf_config)` builds the one a checkpoint's config.json names
+(`quantization_config.quant_method`), through the class's `from_config`.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ class QuantizationConfig(ABC):
     # The name it is registered under (as `--quantization` will take it).
     name: ClassVar[str]
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> QuantizationConfig:
+        """The config of a checkpoint's `quantization_config` (config.json's dict)."""
+        raise ValueError(f"quantization method {cls.name!r} is not read from checkpoints")
+
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """The method of `layer`, whose dotted name is `prefix` (e.g.
@@ -98,6 +105,8 @@ _C = TypeVar("_C", bound=type[QuantizationConfig])
 # name -> "module:Class" (imported on first use) or the class itself.
 _QUANTIZATION_CONFIGS: dict[str, str | type[QuantizationConfig]] = {
     "unquantized": "pagedllm.layers.quantization.unquantized:UnquantizedConfig",
+    "gptq": "pagedllm.layers.quantization.gptq:GPTQConfig",
+    "awq": "pagedllm.layers.quantization.awq:AWQConfig",
 }
 
 
@@ -145,3 +154,21 @@ def get_quantization_config(name: str) -> type[QuantizationConfig]:
         target = getattr(importlib.import_module(module_name), cls_name)
         assert isinstance(target, type) and issubclass(target, QuantizationConfig), target
     return target
+
+
+def quantization_config_from_hf(hf_config: Any) -> QuantizationConfig | None:
+    """The config of the checkpoint's `quantization_config` (config.json), None without one.
+
+    transformers may keep it as a dict or as its own config object (`to_dict()`); its
+    `quant_method` names the registered config, whose `from_config` reads the rest. An unknown
+    method is a ValueError naming it and the registered ones.
+    """
+    raw = getattr(hf_config, "quantization_config", None)
+    if raw is None:
+        return None
+    config = raw if isinstance(raw, Mapping) else raw.to_dict()
+    # NOTE: transformers' config objects hold str enums (QuantizationMethod.GPTQ): their value.
+    method = getattr(config.get("quant_method"), "value", config.get("quant_method"))
+    if not method:
+        raise ValueError(f"the checkpoint's quantization_config has no quant_method: {config}")
+    return get_quantization_config(str(method).lower()).from_config(config)
