@@ -86,6 +86,9 @@ class ModelConfig:
     sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False)
     # One of MODEL_IMPLS: which implementation runs the model (`models/registry.py`).
     model_impl: str = "auto"
+    # A quantization method to apply at load (`--quantization`, e.g. "fp8" on a bf16/fp32
+    # checkpoint), or the checkpoint's own method named explicitly; None: the checkpoint's.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.model_impl not in MODEL_IMPLS:
@@ -177,6 +180,70 @@ class KernelConfig:
             object.__setattr__(self, "gemv", False)  # NOTE: the GEMV is one of the fused ops
 
 
+# `SpeculativeConfig.method`: the methods known by name; only SPEC_METHODS_SUPPORTED run today.
+SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+SPEC_METHODS_SUPPORTED = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config` keys). "ngram" (prompt lookup): each
+    decoding request proposes the up-to-`num_speculative_tokens` tokens that followed the last
+    earlier occurrence of its longest suffix n-gram (`prompt_lookup_max` down to
+    `prompt_lookup_min` tokens); the target model verifies them in the same step."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(
+                f"speculative_config: method must be one of {', '.join(SPEC_METHODS)}, "
+                f"got {self.method!r}"
+            )
+        if self.method not in SPEC_METHODS_SUPPORTED:
+            raise ValueError(
+                f"speculative_config: method {self.method!r} is not supported yet (supported: "
+                f"{', '.join(SPEC_METHODS_SUPPORTED)})"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"speculative_config: {name} must be a positive integer, got {value!r}"
+                )
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) must not "
+                f"exceed prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any] | str) -> SpeculativeConfig:
+        """From `LLM(speculative_config={...})` or `--speculative-config '<json>'`."""
+        import dataclasses
+        import json
+
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a JSON object (a dict)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown keys {unknown}; known: {', '.join(sorted(known))}"
+            )
+        if "method" not in value:
+            raise ValueError("speculative_config: method is required (e.g. 'ngram')")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine needs, in one object."""
@@ -197,6 +264,8 @@ class EngineConfig:
     max_n: int = 128
     max_stop_strings: int = 64
     disable_log_stats: bool = True
+    # Speculative decoding (None: off). NOTE: on, the engine core steps synchronously.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_logprobs", "max_n", "max_stop_strings"):

@@ -24,6 +24,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_size,
 )
 from pagedllm.transformers_utils.config import get_hf_config
@@ -80,6 +81,13 @@ class EngineArgs:
     )
     seed: int = field(default=0, metadata=_help("random seed"))
     load_format: str = field(default="auto", metadata=_help("auto, safetensors, gguf or dummy"))
+    quantization: str | None = field(
+        default=None,
+        metadata=_help(
+            "quantize at load (fp8: FP8 weights and activations), or the checkpoint's own method "
+            "(default: the checkpoint's quantization_config, if any)"
+        ),
+    )
     model_impl: str = field(
         default="auto",
         metadata=_help(
@@ -140,6 +148,13 @@ class EngineArgs:
         default=1, metadata=_help("GPUs per model replica (only 1 today: larger sizes are refused)")
     )
     disable_log_stats: bool = field(default=True, metadata=_help("no periodic stats in the log"))
+    speculative_config: dict[str, Any] | str | None = field(
+        default=None,
+        metadata=_help(
+            'speculative decoding, as JSON with vLLM\'s keys, e.g. \'{"method": "ngram", '
+            '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (ngram only today)'
+        ),
+    )
     # NOTE: not a flag: `LLM` sets "offline", which picks the offline scheduler defaults.
     usage_context: str = field(default="server", metadata={"cli": False})
 
@@ -208,6 +223,11 @@ class EngineArgs:
             max_n=self.max_n,
             max_stop_strings=self.max_stop_strings,
             disable_log_stats=self.disable_log_stats,
+            speculative_config=(
+                None
+                if self.speculative_config is None
+                else SpeculativeConfig.from_dict(self.speculative_config)
+            ),
         )
 
     def _kernel_config(self) -> KernelConfig:
@@ -364,4 +384,5 @@ def _build_model_config(
         eos_token_ids=_eos_token_ids(hf_config, model_path if is_folder else None),
         sampling_defaults=defaults,
         model_impl=args.model_impl,
+        quantization=args.quantization,
     )

@@ -10,7 +10,8 @@ It runs in the caller's process under `LLMEngine`, or in its own process under
   between two steps (scheduling, input preparation, output processing) runs while the GPU
   computes. It falls back to `_step_sync` while a live request samples with penalties or bad
   words (its sampler reads the ids just sampled).
-Either way a step that raises fails its culprit alone (`_recover`).
+Either way a step that raises fails its culprit alone (`_recover`). With speculative decoding
+(`config.speculative_config`) the core always steps synchronously.
 
 Structured output: a step with constrained rows is launched in two parts. `launch_model` queues
 the forward; then, once the matchers have taken every token sampled before (in the async step,
@@ -117,6 +118,7 @@ class EngineCore:
             config.cache_config,
             self.num_blocks,
             uniform_sliding_window(executor.kv_cache_specs()),
+            config.speculative_config,
         )
         self.structured_output = StructuredOutputManager(
             config.model_config, reasoning_parser=config.reasoning_parser
@@ -125,9 +127,11 @@ class EngineCore:
         self._arrival_times: dict[str, float] = {}
         # Seconds each request first scheduled by the last step() had waited in the queue.
         self.step_queue_times: dict[str, float] = {}
-        self.async_scheduling = config.async_scheduling
+        # NOTE: speculative decoding steps synchronously: a step's drafts come from the tokens
+        # the step before it accepted (no step in flight while the next is scheduled).
+        self.async_scheduling = config.async_scheduling and config.speculative_config is None
         self._step: Callable[[list[EngineCoreOutput]], None] = (
-            self._step_async if config.async_scheduling else self._step_sync
+            self._step_async if self.async_scheduling else self._step_sync
         )
         # Launched steps whose results are not collected yet (at most two, oldest first).
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()

@@ -59,6 +59,10 @@ class SchedulerOutput:
     # The requests with a grammar that sample this step, in scheduling order: the step's
     # sampling waits for their `GrammarOutput` (EngineCore fills it during the forward).
     structured_output_request_ids: list[str] = field(default_factory=list)
+    # Speculative decoding: the draft tokens each request verifies this step. Its scheduled
+    # tokens are its last known token then these (they count in `num_scheduled_tokens`); the
+    # worker returns the accepted drafts then one more token (1 to 1 + len(drafts) tokens).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -97,7 +101,8 @@ class ModelRunnerOutput:
     """What one step produced: the sampled tokens of each request that sampled.
 
     `sampled_token_ids[i]` belongs to `req_ids[i]`; an empty list means the request ran a prompt
-    chunk that did not reach its end and sampled nothing.
+    chunk that did not reach its end and sampled nothing. A request that verified draft tokens
+    (`SchedulerOutput.scheduled_spec_decode_tokens`) gets its accepted drafts then one token.
     """
 
     req_ids: list[str]

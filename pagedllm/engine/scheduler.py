@@ -18,6 +18,15 @@ GPU. A request whose scheduled tokens reach its end will sample one: it counts a
 placeholder until `update_from_output` brings the id, and the next step may already compute it.
 A request whose placeholders will surely end it (max_tokens) is not scheduled again; one that
 stops on a token in flight costs one wasted row in the step after, whose result is dropped.
+
+Speculative decoding (`speculative_config`; the core then steps synchronously, no placeholders
+in flight): a decoding request (one token left to compute) gets a draft from the n-gram
+proposer, scheduled after its last token in the same budget (they get KV slots; only its known
+tokens' full blocks are published to the prefix cache). `update_from_output` takes the verified
+drafts and the one token after them, and rolls `num_computed_tokens` back over the rejected
+ones: their KV slots are simply written again later (the blocks stay the request's). Drafts
+are dropped rather than preempting another request, and a request whose sampling reads per
+position state (a grammar, penalties, bad words, min_tokens, allowed ids, logit bias) gets none.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import bisect
 from collections import deque
 from collections.abc import Iterable
 
-from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.outputs import (
     CachedRequestData,
@@ -37,6 +46,7 @@ from pagedllm.engine.outputs import (
     SchedulerOutput,
 )
 from pagedllm.engine.request import FinishReason, Request, RequestStatus
+from pagedllm.engine.spec_decode import NgramProposer
 from pagedllm.engine.stats import SchedulerStats
 from pagedllm.engine.structured_output import StructuredOutputRequest
 
@@ -48,10 +58,12 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         sliding_window: int | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         """`sliding_window`: every layer's window (`uniform_sliding_window`), whose blocks out
-        of it the KV manager frees."""
+        of it the KV manager frees. `speculative_config`: drafts proposed (None: off)."""
         self.config = scheduler_config
+        self.proposer = None if speculative_config is None else NgramProposer(speculative_config)
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, sliding_window
@@ -122,6 +134,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted: list[Request] = []
+        spec_tokens: dict[str, list[int]] = {}
 
         # Running requests first, oldest first.
         i = 0
@@ -138,7 +151,17 @@ class Scheduler:
                 request.num_tokens_with_placeholders - request.num_computed_tokens, budget
             )
             assert num_new > 0, "a running request always has a token to compute"
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
+            drafts = self._propose(request, budget - num_new)
+            new_blocks = None
+            if drafts:
+                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new + len(drafts))
+                if new_blocks is None:
+                    drafts = []  # NOTE: no room for them: no preemption for a guess
+                else:
+                    num_new += len(drafts)
+                    spec_tokens[request.request_id] = drafts
+            if new_blocks is None:
+                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
             while new_blocks is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -214,6 +237,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids={r.request_id for r in preempted} | self._recovered_req_ids,
+            scheduled_spec_decode_tokens=spec_tokens,
         )
         self.finished_req_ids = set()
         self._recovered_req_ids = set()
@@ -224,12 +248,35 @@ class Scheduler:
             prompt_left = request.num_prompt_tokens - request.num_computed_tokens
             self.stats.num_prompt_tokens += min(max(prompt_left, 0), n)
             request.num_computed_tokens += n
-            if request.num_computed_tokens == request.num_tokens_with_placeholders:
-                request.num_output_placeholders += 1  # this step samples its next token
+            num_drafts = len(spec_tokens.get(req_id, ()))
+            if request.num_computed_tokens - num_drafts == request.num_tokens_with_placeholders:
+                # This step samples its next token (and verifies its drafts: up to 1 + drafts).
+                request.num_output_placeholders += 1 + num_drafts
                 if request.structured_output is not None:
                     out.structured_output_request_ids.append(req_id)
         self.stats.num_preemptions += len(preempted)
         return out
+
+    def _propose(self, request: Request, budget_left: int) -> list[int]:
+        """The draft tokens of a running request, within the budget left after its own token:
+        only a decoding one (its last token left to compute, none in flight) whose sampling
+        has no per-position state, and never past its max_tokens (the last token after the
+        drafts must fit)."""
+        if (
+            self.proposer is None
+            or budget_left <= 0
+            or request.num_output_placeholders
+            or request.num_tokens - request.num_computed_tokens != 1
+            or request.structured_output is not None
+        ):
+            return []
+        sp = request.sampling_params
+        if sp.needs_token_history or sp.min_tokens or sp.allowed_token_ids or sp.logit_bias:
+            return []
+        room = min(budget_left, request.max_tokens - request.num_output_tokens - 1)
+        if room <= 0:
+            return []
+        return self.proposer.propose(request.all_token_ids, room)
 
     def _fail(self, request: Request, reason: str) -> EngineCoreOutput:
         """Ends a request (already off the queues) with an error; its output."""
@@ -287,6 +334,7 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         logprobs = runner_output.logprobs
         prompt_logprobs = runner_output.prompt_logprobs
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         for idx, (req_id, token_ids) in enumerate(
             zip(runner_output.req_ids, runner_output.sampled_token_ids)
         ):
@@ -294,6 +342,9 @@ class Scheduler:
             if request is None or request.is_finished:
                 continue  # ended during the step (aborted, or stopped by a token before it)
             request.num_output_placeholders -= len(token_ids)
+            drafts = spec_tokens.get(req_id) if spec_tokens else None
+            if drafts:
+                self._roll_back_rejected(request, len(drafts), len(token_ids))
             new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None
             if not token_ids and new_prompt_logprobs is None:
                 continue  # a prompt chunk that sampled nothing
@@ -328,6 +379,17 @@ class Scheduler:
             self.stats.num_generation_tokens += len(new_ids)
         self.stats.num_steps += 1
         return outputs
+
+    def _roll_back_rejected(self, request: Request, num_drafts: int, num_sampled: int) -> None:
+        """A request verified `num_drafts` drafts and got `num_sampled` tokens (the accepted
+        drafts then one): the rejected drafts' positions count as not computed any more."""
+        assert 1 <= num_sampled <= 1 + num_drafts, "a verifying request gets 1 to 1 + k tokens"
+        rejected = 1 + num_drafts - num_sampled
+        request.num_output_placeholders -= rejected
+        request.num_computed_tokens -= rejected
+        self.stats.num_drafts += 1
+        self.stats.num_draft_tokens += num_drafts
+        self.stats.num_accepted_tokens += num_sampled - 1
 
     @staticmethod
     def _advance_grammar(request: Request, so: StructuredOutputRequest, token_id: int) -> bool:

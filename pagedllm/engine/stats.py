@@ -34,3 +34,12 @@ class SchedulerStats:
     num_steps: int = 0
     # Cumulative; the scheduler's own copy stays empty, `EngineCore.make_stats` fills it in.
     prefix_cache_stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    # Speculative decoding, cumulative: drafts verified, their tokens, and those accepted
+    # (`spec_acceptance_rate`). NOTE: last: tests build the fields above by position.
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0

@@ -84,7 +84,7 @@ def load_model(
         )
     weights_loader = get_weights_loader(model_config.load_format)
     # NOTE: read before anything is allocated, so an unknown method fails fast.
-    quant_config = quantization_config_from_hf(hf_config)
+    quant_config = quantization_config_from_hf(hf_config, model_config.quantization)
     # NOTE: parameters are allocated directly on the device in the target dtype (no float32
     # copy on the host first); they hold garbage until the weights loader fills them.
     with torch.device(device), _default_dtype(_TORCH_DTYPES[model_config.dtype]):

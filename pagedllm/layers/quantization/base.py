@@ -94,6 +94,14 @@ class QuantizationConfig(ABC):
         """The config of a checkpoint's `quantization_config` (config.json's dict)."""
         raise ValueError(f"quantization method {cls.name!r} is not read from checkpoints")
 
+    @classmethod
+    def for_unquantized_checkpoint(cls, hf_config: Any) -> QuantizationConfig:
+        """The config that quantizes an unquantized checkpoint at load (`--quantization`)."""
+        raise ValueError(
+            f"quantization method {cls.name!r} needs a checkpoint quantized with it; it cannot "
+            "quantize an unquantized checkpoint at load"
+        )
+
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """The method of `layer`, whose dotted name is `prefix` (e.g.
@@ -107,6 +115,10 @@ _QUANTIZATION_CONFIGS: dict[str, str | type[QuantizationConfig]] = {
     "unquantized": "pagedllm.layers.quantization.unquantized:UnquantizedConfig",
     "gptq": "pagedllm.layers.quantization.gptq:GPTQConfig",
     "awq": "pagedllm.layers.quantization.awq:AWQConfig",
+    "compressed-tensors": (
+        "pagedllm.layers.quantization.compressed_tensors:CompressedTensorsConfig"
+    ),
+    "fp8": "pagedllm.layers.quantization.fp8:Fp8Config",
 }
 
 
@@ -156,14 +168,31 @@ def get_quantization_config(name: str) -> type[QuantizationConfig]:
     return target
 
 
-def quantization_config_from_hf(hf_config: Any) -> QuantizationConfig | None:
+def quantization_config_from_hf(
+    hf_config: Any, quantization: str | None = None
+) -> QuantizationConfig | None:
     """The config of the checkpoint's `quantization_config` (config.json), None without one.
+
+    `quantization` (`--quantization`) names a method: the checkpoint's own (checked), or one that
+    quantizes an unquantized checkpoint at load (`for_unquantized_checkpoint`, e.g. "fp8"); a
+    checkpoint quantized with another method is a ValueError.
 
     transformers may keep it as a dict or as its own config object (`to_dict()`); its
     `quant_method` names the registered config, whose `from_config` reads the rest. An unknown
     method is a ValueError naming it and the registered ones.
     """
     raw = getattr(hf_config, "quantization_config", None)
+    if quantization is not None:
+        cls = get_quantization_config(quantization)
+        if raw is None:
+            return cls.for_unquantized_checkpoint(hf_config)
+        checkpoint = quantization_config_from_hf(hf_config)
+        if checkpoint is None or checkpoint.name != cls.name:
+            name = getattr(checkpoint, "name", None)
+            raise ValueError(
+                f"quantization={quantization!r}, but the checkpoint is quantized with {name!r}"
+            )
+        return checkpoint
     if raw is None:
         return None
     config = raw if isinstance(raw, Mapping) else raw.to_dict()

@@ -7,6 +7,7 @@
 - `tables.py`: the per-row token lists (allowed ids, logit bias, stop ids, bad words).
 - `rng.py`: `SamplingRNG`, the one RNG owner (engine seed, step keys, seeded generators).
 - `logprobs.py`: logprobs of sampled and prompt tokens, on the device and on the host.
+- `rejection.py`: the rejection sampler of speculative decoding (exact verification of drafts).
 
 The model runner holds one `Sampler` (its `rng` lives as long as the runner) and calls
 `sampler.rng.add_request` / `finish_request` as requests come and go,

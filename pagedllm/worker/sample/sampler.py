@@ -16,11 +16,10 @@ processed or their logprobs (no fp32 copy), rows with min_p, top-k or top-p mask
 ops first; elsewhere the torch ops and torch generators (the exponential race). The kernel runs
 on the CPU only under Triton's interpreter, for tests.
 
-Speculative decoding (a later issue) plugs in at `process_logits` and `draw`: a rejection
-sampler gets the target model's logits at the draft positions and the draft ids, processes
-them as `process_logits` does (the bitmask and processors apply to every position), accepts or
-rejects each draft token against them, and draws the recovered and bonus tokens with `draw`,
-its randomness from the same `SamplingRNG` (keyed by (seed, output position) as here).
+Speculative decoding: `rejection.py` verifies a step's drafts (the n-gram proposer's) on the
+target's logits at the draft positions, after temperature and the filters; the requests it
+serves have no processors (the scheduler gives drafts to none that needs them), and its
+randomness comes from the same `SamplingRNG` (a seeded request's keyed by (seed, output position)).
 
 NOTE: everything stays on the device; the caller brings back only the ids and their logprobs.
 """

@@ -1,0 +1,140 @@
+"""The rejection sampler of speculative decoding: verifies deterministic drafts (n-gram) exactly.
+
+A request with drafts d_1..d_k has 1 + k logits rows: row j is the target's distribution p_j of
+the token after d_j (row 0: after its last known token). Row j accepts d_{j+1} with probability
+p_j(d_{j+1}) (the draft is one-hot, q = 1: min(1, p / q) = p); at the first rejection the token
+is drawn from the residual max(p_j - q, 0) renormalized, i.e. p_j without d_{j+1}; after k
+acceptances the bonus token is drawn from p_k. Each emitted token is then distributed as the
+target's own sample, so the output keeps the target's distribution. Greedy rows (temperature 0)
+are the one-hot p_j of their argmax: they accept exactly the drafts equal to the argmax and emit
+the argmax at the first mismatch, the output of greedy decoding without speculation.
+
+p_j is the target after the request's temperature, min_p, top-k and top-p (the processors that
+read per-position state - penalties, bad words, min_tokens, allowed ids, logit bias, grammars -
+are not drafted for: the scheduler gives those requests no drafts).
+
+Randomness: the unseeded rows draw from the `SamplingRNG`'s generator; a seeded request from a
+generator keyed by (its seed, its output position), so its output does not depend on the batch.
+A torch implementation (a Triton kernel can replace it); one host sync for the acceptances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.worker.sample.metadata import SamplingMetadata
+from pagedllm.worker.sample.ops import apply_filters, argmax_rows
+from pagedllm.worker.sample.rng import SamplingRNG
+
+MASK63 = (1 << 63) - 1
+
+
+@dataclass
+class DraftLayout:
+    """Where each request's rows are among the `N` logits rows: request i owns rows
+    `starts[i] .. starts[i] + num_drafts[i]` (its drafts then its bonus row)."""
+
+    num_drafts: np.ndarray  # int64 [R]
+    draft_ids: np.ndarray  # int64 [sum k]: every request's drafts, in order
+    starts: np.ndarray  # int64 [R]
+    draft_rows: np.ndarray  # int64 [sum k]: the logits row verifying each draft
+
+    @classmethod
+    def from_counts(cls, num_drafts: np.ndarray, draft_ids: np.ndarray) -> DraftLayout:
+        sizes = 1 + num_drafts
+        starts = np.cumsum(sizes) - sizes
+        offsets = np.arange(int(num_drafts.sum())) - np.repeat(
+            np.cumsum(num_drafts) - num_drafts, num_drafts
+        )
+        draft_rows = np.repeat(starts, num_drafts) + offsets
+        return cls(num_drafts, draft_ids.astype(np.int64), starts, draft_rows)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.num_drafts.sum()) + len(self.num_drafts)
+
+
+def target_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """fp32 [N, V] target distributions after temperature and filters; one-hot argmax rows for
+    greedy rows. NOTE: `logits` is changed in place."""
+    logits = logits.float()
+    greedy_ids = argmax_rows(logits)
+    one_hot = torch.zeros_like(logits).scatter_(1, greedy_ids.unsqueeze(1), 1.0)
+    if md.all_greedy:
+        return one_hot
+    assert md.temperature is not None
+    greedy_rows = md.temperature == 0
+    logits = logits.div_(torch.where(greedy_rows, 1.0, md.temperature).unsqueeze(1))
+    probs = apply_filters(logits, md).softmax(dim=-1)
+    return torch.where(greedy_rows.unsqueeze(1), one_hot, probs)
+
+
+def draw_noise(
+    num_rows: int,
+    vocab: int,
+    layout: DraftLayout,
+    rng: SamplingRNG,
+    seeded: np.ndarray,
+    seed_keys: np.ndarray,
+    positions: np.ndarray,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exp(1) noise [N, V] for the residual / bonus draws and uniforms [sum k] for the
+    acceptances. A seeded request's (`seeded[i]`) come from a generator keyed by its seed and
+    its output position `positions[i]`; the others' from the engine's generator."""
+    noise = torch.empty(num_rows, vocab, device=device)
+    uniforms = torch.empty(len(layout.draft_ids), device=device)
+    if not seeded.all():
+        noise.exponential_(generator=rng.generator)
+        uniforms.uniform_(generator=rng.generator)
+    if seeded.any():
+        keys = SamplingRNG.sample_keys(
+            np.ones(int(seeded.sum()), bool), seed_keys[seeded], positions[seeded], 0
+        )
+        draft_starts = np.cumsum(layout.num_drafts) - layout.num_drafts
+        for key, i in zip(keys.tolist(), np.flatnonzero(seeded).tolist()):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(key) & MASK63)
+            start, k = int(layout.starts[i]), int(layout.num_drafts[i])
+            noise[start : start + k + 1].exponential_(generator=gen)
+            d = int(draft_starts[i])
+            uniforms[d : d + k].uniform_(generator=gen)
+    return noise, uniforms
+
+
+def rejection_sample(
+    probs: torch.Tensor,
+    layout: DraftLayout,
+    noise: torch.Tensor,
+    uniforms: torch.Tensor,
+    greedy_rows: torch.Tensor | None,
+) -> tuple[np.ndarray, list[list[int]]]:
+    """The verification of `probs [N, V]` (`target_probs`) against the drafts of `layout`.
+    Returns the token each row emits if it is the request's last emitted row (int64 [N] on the
+    host: the residual draw of a draft row, the bonus draw of a bonus row) and each request's
+    emitted tokens (its accepted drafts, then that row's token). `greedy_rows` (bool [N]):
+    rows drawn without noise (None: none)."""
+    dev = probs.device
+    draft_rows = torch.from_numpy(layout.draft_rows).to(dev)
+    draft_ids = torch.from_numpy(layout.draft_ids).to(dev)
+    p_draft = probs[draft_rows, draft_ids]
+    accepted = uniforms < p_draft
+    residual = probs.clone()
+    residual[draft_rows, draft_ids] = 0.0  # NOTE: unnormalized: the race needs no sum
+    if greedy_rows is not None:
+        noise = torch.where(greedy_rows.unsqueeze(1), 1.0, noise)
+    emitted_row_ids = argmax_rows(residual.div_(noise))
+    host = torch.cat([emitted_row_ids, accepted.long()]).cpu().numpy()
+    row_ids, accepts = host[: probs.shape[0]], host[probs.shape[0] :].astype(bool)
+    tokens: list[list[int]] = []
+    d = 0
+    for start, k in zip(layout.starts.tolist(), layout.num_drafts.tolist()):
+        a = 0
+        while a < k and accepts[d + a]:
+            a += 1
+        tokens.append(layout.draft_ids[d : d + a].tolist() + [int(row_ids[start + a])])
+        d += k
+    return row_ids, tokens
