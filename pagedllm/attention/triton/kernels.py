@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.triton.cache import _in_head, last_dim_contiguous, reshape_and_cache
 from pagedllm.attention.triton.tiles import (
     TileConfig,
     choose_num_splits,
@@ -72,101 +73,6 @@ _LOG2E = math.log2(math.e)
 # exp2(-inf - m) = 0 and alpha = 1 instead of NaN.
 _M_INIT = tl.constexpr(-1.0e30)
 _LOG2E_K = tl.constexpr(_LOG2E)
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache write
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _in_head(mask, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):
-    """`mask` restricted to the head's lanes `offs_d < HEAD_DIM` of a `HEAD_DIM_P` tile.
-
-    NOTE: a head of a power of two (>= 16) is its own tile: `mask` is returned as it is, so that
-    case compiles to the code it had before tiles were padded."""
-    if HEAD_DIM_P != HEAD_DIM:
-        mask = mask & (offs_d < HEAD_DIM)
-    return mask
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def _reshape_and_cache_kernel(
-    key_ptr,
-    value_ptr,
-    key_cache_ptr,
-    value_cache_ptr,
-    slot_mapping_ptr,
-    num_rows,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_cb,
-    stride_cs,
-    stride_ch,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-):
-    """One program per `BLOCK_R` (token, KV head) rows: K and V rows into slot `slot_mapping[t]`."""
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    token = row // NUM_KV_HEADS
-    head = row % NUM_KV_HEADS
-    slot = tl.load(slot_mapping_ptr + token, mask=row < num_rows, other=-1).to(tl.int64)
-    # NOTE: a negative slot marks a padding token (vLLM's convention; the contract has none).
-    mask = ((row < num_rows) & (slot >= 0))[:, None]
-    offs_d = tl.arange(0, HEAD_DIM_P)[None, :]
-    mask = _in_head(mask, offs_d, HEAD_DIM, HEAD_DIM_P)
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch
-    dst = dst[:, None] + offs_d
-    k = tl.load(key_ptr + (token * stride_kt + head * stride_kh)[:, None] + offs_d, mask=mask)
-    tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    v = tl.load(value_ptr + (token * stride_vt + head * stride_vh)[:, None] + offs_d, mask=mask)
-    tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def reshape_and_cache(
-    key: torch.Tensor,  # [>= num_tokens, Hkv, D]
-    value: torch.Tensor,  # [>= num_tokens, Hkv, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-    slot_mapping: torch.Tensor,  # int64 [num_tokens]
-    num_tokens: int,
-) -> None:
-    """Stores the first `num_tokens` rows of `key`/`value` at their slots (cast to the cache's
-    dtype)."""
-    if num_tokens == 0:
-        return
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
-    key_cache, value_cache = kv_cache[0], kv_cache[1]
-    assert key_cache.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
-    num_rows = num_tokens * num_kv_heads
-    head_dim_p = padded_head_dim(head_dim)
-    block_r = max(1, 2048 // head_dim_p)
-    _reshape_and_cache_kernel[(triton.cdiv(num_rows, block_r),)](
-        key,
-        value,
-        key_cache,
-        value_cache,
-        slot_mapping,
-        num_rows,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_P=head_dim_p,
-        BLOCK_R=block_r,
-        BLOCK_SIZE=block_size,
-        num_warps=4,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,10 +364,6 @@ def _reduce_splits_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def paged_attention(
     query: torch.Tensor,  # [>= T, H, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
@@ -488,7 +390,7 @@ def paged_attention(
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
     group = num_heads // num_kv_heads
-    query = _last_dim_contiguous(query)
+    query = last_dim_contiguous(query)
     assert output.stride(-1) == 1
     dec = decode_tiles or decode_config(group, head_dim, query.dtype)
     var = varlen_tiles or varlen_config(group, head_dim, query.dtype)
