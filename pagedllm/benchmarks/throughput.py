@@ -82,6 +82,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload-seed", type=int, default=0, help="lengths; prompt ids use +1")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="run hf on this many of the requests (every k-th by prompt length, so the lengths "
+        "keep their spread), for baselines too slow for the whole workload; default: all",
+    )
     parser.add_argument("--output-json", default=None, help="write the results here")
     EngineArgs.add_cli_args(parser)
 
@@ -211,6 +218,16 @@ def run_hf(
     )
 
 
+def hf_subset(requests: list[BenchRequest], count: int | None) -> list[BenchRequest]:
+    """`count` of the requests spread evenly over their prompt-length order (all for None)."""
+    if count is None or count >= len(requests):
+        return requests
+    if count < 1:
+        raise ValueError(f"hf_num_prompts must be at least 1, got {count}")
+    order = sorted(requests, key=lambda r: len(r.prompt_token_ids))
+    return [order[i * len(order) // count] for i in range(count)]
+
+
 def main(ns: argparse.Namespace) -> list[ThroughputResult]:
     engine_args = EngineArgs.from_cli_args(ns)
     config = engine_args.create_engine_config()
@@ -252,7 +269,11 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
                 )
             )
         elif backend == "hf":
-            results.append(run_hf(config, requests, ns.temperature, ns.hf_batch_size))
+            results.append(
+                run_hf(
+                    config, hf_subset(requests, ns.hf_num_prompts), ns.temperature, ns.hf_batch_size
+                )
+            )
         else:
             raise ValueError(
                 f"unknown backend {backend!r}: use pagedllm, pagedllm-no-prefix-caching, "
