@@ -15,7 +15,11 @@ SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # `ModelConfig.model_impl`: "auto" (the native model file if there is one, else the Transformers
 # fallback), "native", "transformers" (the fallback even where a native file exists).
 MODEL_IMPLS = ("auto", "native", "transformers")
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8_e4m3": 1}
+# `--kv-cache-dtype` (vLLM's names): "auto" caches K/V in the model dtype; "fp8" (= "fp8_e4m3")
+# in FP8 E4M3 with a per-tensor scale per layer and K/V (`Attention.k_scale` / `v_scale`).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+_KV_CACHE_DTYPE_ALIASES = {"fp8": "fp8_e4m3"}
 
 _SIZE_UNITS = {
     "": 1,
@@ -108,8 +112,17 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; the CPU budget (None: a device default)
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    # One of KV_CACHE_DTYPES (`--kv-cache-dtype`); "fp8" is stored as its full name "fp8_e4m3".
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {self.cache_dtype!r}"
+            )
+        alias = _KV_CACHE_DTYPE_ALIASES.get(self.cache_dtype, self.cache_dtype)
+        object.__setattr__(self, "cache_dtype", alias)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -118,6 +131,10 @@ class CacheConfig:
             )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError("num_gpu_blocks_override must be at least 1")
+
+    def kv_cache_dtype(self, model_dtype: str) -> str:
+        """The dtype name the KV cache holds: the model's for "auto", else `cache_dtype`."""
+        return model_dtype if self.cache_dtype == "auto" else self.cache_dtype
 
 
 @dataclass(frozen=True)
@@ -140,20 +157,57 @@ class SchedulerConfig:
             )
 
 
+EXECUTOR_BACKENDS = ("uni", "mp")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
+    """How one engine's model is split over ranks (`world_size` = tp × pp processes), and which
+    executor runs them: "uni" (the engine's own process; world size 1 only) or "mp" (one worker
+    process per rank, on this machine); None: "uni" for one rank, "mp" for more or for data
+    parallelism (`data_parallel_size` engine cores, each with its own ranks and devices)."""
+
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    enable_expert_parallel: bool = False
+    # Which of the data_parallel_size engine cores this config is (set per core; its workers
+    # take the devices `data_parallel_rank × world_size + rank`).
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        backend = self.distributed_executor_backend
+        if backend not in (None, *EXECUTOR_BACKENDS):
+            raise ValueError(
+                f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                f"got {backend!r}"
+            )
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank {self.data_parallel_rank} outside [0, "
+                f"{self.data_parallel_size})"
+            )
+        if backend == "uni" and self.world_size > 1:
+            raise ValueError(
+                f"distributed_executor_backend='uni' runs one rank, but tensor_parallel_size × "
+                f"pipeline_parallel_size is {self.world_size}: use 'mp'"
+            )
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """The executor that runs this config (the default resolved)."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        # NOTE: data-parallel cores put their workers in processes of their own (own devices).
+        return "uni" if self.world_size == 1 and self.data_parallel_size == 1 else "mp"
 
 
 @dataclass(frozen=True)
@@ -182,7 +236,7 @@ class KernelConfig:
 
 # `SpeculativeConfig.method`: the methods known by name; only SPEC_METHODS_SUPPORTED run today.
 SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
-SPEC_METHODS_SUPPORTED = ("ngram",)
+SPEC_METHODS_SUPPORTED = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
@@ -190,12 +244,17 @@ class SpeculativeConfig:
     """Speculative decoding (vLLM's `speculative_config` keys). "ngram" (prompt lookup): each
     decoding request proposes the up-to-`num_speculative_tokens` tokens that followed the last
     earlier occurrence of its longest suffix n-gram (`prompt_lookup_max` down to
-    `prompt_lookup_min` tokens); the target model verifies them in the same step."""
+    `prompt_lookup_min` tokens); "draft_model": `model` (a folder, or a packaged shape with
+    random weights), a smaller model with the target's vocabulary, proposes them (k forwards of
+    its own, in the worker, with its own paged KV cache). The target verifies them in one step."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    model: str | None = None
+    # The draft model's config, built by `EngineArgs` from `model` (not a user key).
+    draft_model_config: ModelConfig | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -214,6 +273,13 @@ class SpeculativeConfig:
                 raise ValueError(
                     f"speculative_config: {name} must be a positive integer, got {value!r}"
                 )
+        if self.method == "draft_model" and not self.model:
+            raise ValueError(
+                "speculative_config: method 'draft_model' needs model (the draft model's "
+                "folder, or a packaged shape)"
+            )
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError("speculative_config: model is not used by method 'ngram'")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) must not "
@@ -233,7 +299,7 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config is not JSON: {e}") from e
         if not isinstance(value, dict):
             raise ValueError("speculative_config must be a JSON object (a dict)")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"draft_model_config"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(

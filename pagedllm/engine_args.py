@@ -46,6 +46,22 @@ LARGE_GPU_OFFLINE_MAX_NUM_BATCHED_TOKENS = 16384
 CPU_MAX_NUM_BATCHED_TOKENS = {"server": 2048, "offline": 4096}
 
 
+def _check_tensor_parallel(mc: ModelConfig, tp: int) -> None:
+    """Attention heads split evenly over the ranks; KV heads too, or are replicated evenly."""
+    if tp == 1:
+        return
+    if mc.num_attention_heads % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide the model's {mc.num_attention_heads} "
+            f"attention heads"
+        )
+    if mc.num_kv_heads % tp and tp % mc.num_kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and the model's {mc.num_kv_heads} KV heads: one must "
+            f"divide the other"
+        )
+
+
 def _help(text: str) -> dict[str, Any]:
     return {"help": text}
 
@@ -75,6 +91,13 @@ class EngineArgs:
     )
     gpu_memory_utilization: float = field(
         default=0.9, metadata=_help("fraction of GPU memory for weights, activations and KV cache")
+    )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (the model dtype) or fp8 (= fp8_e4m3: FP8 K/V with per-tensor scales, 1.0 or "
+            "the checkpoint's k_scale/v_scale): twice the tokens in the same memory"
+        ),
     )
     num_gpu_blocks_override: int | None = field(
         default=None, metadata=_help("exact number of KV blocks (testing)")
@@ -145,14 +168,33 @@ class EngineArgs:
         ),
     )
     tensor_parallel_size: int = field(
-        default=1, metadata=_help("GPUs per model replica (only 1 today: larger sizes are refused)")
+        default=1, metadata=_help("ranks (GPUs) each layer is split over")
+    )
+    pipeline_parallel_size: int = field(
+        default=1, metadata=_help("pipeline stages the layers are split into (not yet: only 1)")
+    )
+    data_parallel_size: int = field(
+        default=1,
+        metadata=_help("engine cores, each a full model replica on its own devices (DP)"),
+    )
+    distributed_executor_backend: str | None = field(
+        default=None,
+        metadata=_help(
+            "'uni' (one rank, in the engine's process) or 'mp' (a worker process per rank); "
+            "default: uni for one rank, mp for more"
+        ),
+    )
+    enable_expert_parallel: bool = field(
+        default=False,
+        metadata=_help("split MoE layers' experts over the tensor-parallel ranks, not each expert"),
     )
     disable_log_stats: bool = field(default=True, metadata=_help("no periodic stats in the log"))
     speculative_config: dict[str, Any] | str | None = field(
         default=None,
         metadata=_help(
             'speculative decoding, as JSON with vLLM\'s keys, e.g. \'{"method": "ngram", '
-            '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (ngram only today)'
+            '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\', or \'{"method": "draft_model", '
+            '"model": "<folder>", "num_speculative_tokens": 4}\''
         ),
     )
     # NOTE: not a flag: `LLM` sets "offline", which picks the offline scheduler defaults.
@@ -194,8 +236,14 @@ class EngineArgs:
             if self.kv_cache_memory is None
             else parse_size(self.kv_cache_memory, "kv_cache_memory")
         )
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        _check_tensor_parallel(model_config, self.tensor_parallel_size)
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(
+                "pipeline_parallel_size > 1 is not supported yet (tensor_parallel_size is)"
+            )
+        from pagedllm.attention.kv_scale_names import check_kv_cache_scheme
+
+        check_kv_cache_scheme(hf_config, self.kv_cache_dtype)
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(
@@ -204,13 +252,20 @@ class EngineArgs:
                 kv_cache_memory=kv_cache_memory,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
+                cache_dtype=self.kv_cache_dtype,
             ),
             scheduler_config=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=model_config.max_model_len,
             ),
-            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel_config=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                data_parallel_size=self.data_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend,
+                enable_expert_parallel=self.enable_expert_parallel,
+            ),
             device_config=DeviceConfig(device=device),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
@@ -223,12 +278,43 @@ class EngineArgs:
             max_n=self.max_n,
             max_stop_strings=self.max_stop_strings,
             disable_log_stats=self.disable_log_stats,
-            speculative_config=(
-                None
-                if self.speculative_config is None
-                else SpeculativeConfig.from_dict(self.speculative_config)
-            ),
+            speculative_config=self._speculative_config(model_config, device),
         )
+
+    def _speculative_config(self, target: ModelConfig, device: str) -> SpeculativeConfig | None:
+        """The speculative config; for a draft model, with the draft's `ModelConfig` (the
+        target's dtype and max_model_len; its vocabulary must be the target's)."""
+        if self.speculative_config is None:
+            return None
+        spec = SpeculativeConfig.from_dict(self.speculative_config)
+        if spec.method != "draft_model":
+            return spec
+        assert spec.model is not None
+        try:
+            dummy = self.load_format == "dummy" or not os.path.exists(spec.model)
+            path, load_format = _resolve_model(spec.model, "dummy" if dummy else "auto")
+            hf_config = get_hf_config(path)
+            draft_args = dataclasses.replace(
+                self,
+                model=path,
+                tokenizer=None,
+                skip_tokenizer_init=True,
+                quantization=None,
+                max_model_len=target.max_model_len,
+                generation_config="vllm",
+                override_generation_config=None,
+                speculative_config=None,
+            )
+            draft = _build_model_config(draft_args, hf_config, path, load_format, device)
+        except ValueError as e:
+            raise ValueError(f"speculative_config.model={spec.model!r}: {e}") from e
+        if draft.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"speculative_config.model={spec.model!r}: the draft's vocabulary has "
+                f"{draft.vocab_size} tokens, the target's {target.vocab_size}: a draft model "
+                "needs the target's vocabulary"
+            )
+        return dataclasses.replace(spec, draft_model_config=draft)
 
     def _kernel_config(self) -> KernelConfig:
         """The switches given; the environment's (KernelConfig's defaults) for the others."""

@@ -25,8 +25,18 @@ def test_one_worker_runs_in_the_engines_process() -> None:
 
 
 @pytest.mark.parametrize(
-    "parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"]
+    "parallel",
+    [{"tensor_parallel_size": 2}, {"distributed_executor_backend": "mp"}],
+    ids=["tp2", "mp-at-one-rank"],
 )
-def test_more_workers_are_refused_naming_the_sizes(parallel) -> None:
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=\d+ with pipeline_parallel_size"):
-        executor_class(config(**parallel))
+def test_several_ranks_or_mp_run_in_worker_processes(parallel) -> None:
+    from pagedllm.executor.multiproc import MultiprocExecutor
+
+    assert executor_class(config(**parallel)) is MultiprocExecutor
+
+
+def test_bad_backends_are_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="distributed_executor_backend must be one of uni, mp"):
+        ParallelConfig(distributed_executor_backend="threads")
+    with pytest.raises(ValueError, match=r"'uni' runs one rank, but .* is 2"):
+        ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="uni")

@@ -4,7 +4,9 @@
   refuses to convert, so a loop with a runtime bound (`range(0, n, BLOCK)`) fails;
 - `tl.dot` of bf16 operands: stored as uint16, they are multiplied as integers;
 - fp32 -> bf16 casts truncate (a GPU rounds to nearest even), so results would differ from
-  torch's by up to a whole rounding step instead of half.
+  torch's by up to a whole rounding step instead of half;
+- fp8 (e4m3) likewise: `tl.dot` multiplies the stored bytes as integers, and fp32 -> e4m3 casts
+  drop the carry of a rounding into the next power of two (127.1 becomes 64).
 
 Call `patch_interpreter()` after setting `TRITON_INTERPRET=1` and before running a kernel.
 `one_thread`: a module fixture for kernel tests (import it into the test module).
@@ -64,6 +66,10 @@ def patch_interpreter() -> None:
     create_dot = interpreter.InterpreterBuilder.create_dot
 
     def as_float(h: interpreter.TensorHandle) -> interpreter.TensorHandle:
+        if h.dtype == triton.language.float8e4nv:
+            data = torch.from_numpy(np.ascontiguousarray(h.data).view(np.uint8))
+            values = data.view(torch.float8_e4m3fn).float().numpy()
+            return interpreter.TensorHandle(values, triton.language.float32)
         if h.dtype != triton.language.bfloat16:
             return h
         bits = h.data.astype(np.uint32) << 16
@@ -84,9 +90,22 @@ def patch_interpreter() -> None:
             return interpreter.TensorHandle(bits, triton.language.bfloat16)
         return cast_impl(self, src, dst_type)
 
+    fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def patched_fp_to_fp(self, src, dst_type, rounding_mode):  # type: ignore[no-untyped-def]
+        if (
+            src.dtype.scalar == triton.language.float32
+            and dst_type.scalar == triton.language.float8e4nv
+        ):
+            data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            fp8 = data.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return interpreter.TensorHandle(fp8, triton.language.float8e4nv)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
     interpreter._patch_lang_tensor = patched_tensor
     interpreter.InterpreterBuilder.cast_impl = patched_cast
     interpreter.InterpreterBuilder.create_dot = patched_dot
+    interpreter.InterpreterBuilder.create_fp_to_fp = patched_fp_to_fp
 
 
 def interpret_without_cuda() -> bool:

@@ -242,11 +242,15 @@ class AttentionImpl(ABC):
         kv_cache: torch.Tensor,  # kv_cache_shape(...)
         metadata: AttentionMetadata,
         kv_written: bool = False,
+        *,
+        k_scale: torch.Tensor | None = None,  # fp32 scalar (FP8 caches only; None: 1.0)
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Writes this step's K/V into the cache at `slot_mapping`, then attends over the cache.
 
         With `kv_written` (only where `accepts_prewritten_kv`), the caller has already stored
-        them and `key`/`value` are not read.
+        them and `key`/`value` are not read. An FP8 cache (`kv_cache.dtype`) holds K / k_scale
+        and V / v_scale, saturated to E4M3 (`fp8_kv.quantize_kv`); reads multiply them back.
 
         NOTE: all of the step's K/V are written before any query reads: a request may read
         blocks that another request of the same step fills (a prefix-cache hit on a block

@@ -11,9 +11,11 @@ Two options of the softmax pass through to the backend's impl: `logits_soft_cap`
 `cap * tanh(s / cap)` of the scaled scores) and `sinks` (gpt-oss: one value-less logit per head
 in the softmax denominator; a parameter of the model's attention module, held by reference).
 
-It also says what it keeps in the cache (`kv_cache_spec`); the worker binds `kv_cache` after
-allocating it. Without attention metadata (the memory-profiling pass) the whole batch is one
-causal sequence and nothing is cached.
+It also says what it keeps in the cache (`kv_cache_spec`, in the cache dtype); the worker binds
+`kv_cache` after allocating it. With an FP8 cache (`fp8_kv.py`) K and V are stored divided by
+the layer's `k_scale` / `v_scale` (fp32 scalars, 1.0 unless the checkpoint sets them), by the
+backend's cache write or the fused prologue alike. Without attention metadata (the
+memory-profiling pass) the whole batch is one causal sequence and nothing is cached.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.fp8_kv import default_scale
 from pagedllm.attention.torch_ref import softmax_attention
 from pagedllm.engine.kv_cache_spec import KVCacheSpec, SlidingWindowSpec
 from pagedllm.forward_context import get_forward_context
@@ -88,6 +91,10 @@ class Attention(nn.Module):
         )
         self.use_fused = use_fused
         self.kv_cache: torch.Tensor = torch.empty(0)
+        # NOTE: plain tensors, not parameters (no checkpoint needs them; the loader sets them in
+        # place from the scales it finds, `fp8_kv.load_kv_scales`); read only by an FP8 cache.
+        self.k_scale = default_scale()
+        self.v_scale = default_scale()
 
     def kv_cache_spec(self, block_size: int, dtype: str) -> KVCacheSpec:
         """What this layer keeps per block (the worker sizes and allocates the cache by it)."""
@@ -131,7 +138,10 @@ class Attention(nn.Module):
         if metadata is None:
             out = self._causal_sdpa(q, k, v)
         else:
-            out = self.impl.forward(q, k, v, self.kv_cache, metadata, kv_written=kv_written)
+            out = self.impl.forward(
+                q, k, v, self.kv_cache, metadata, kv_written=kv_written,
+                k_scale=self.k_scale, v_scale=self.v_scale,
+            )  # fmt: skip
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _fuses_prologue(self, q: torch.Tensor) -> bool:
@@ -162,7 +172,8 @@ class Attention(nn.Module):
         fused.kernels().rope_norm_and_cache_(
             positions, q, k, v, rope.cos_cache, rope.sin_cache, self.kv_cache,
             metadata.slot_mapping, metadata.num_actual_tokens,
-            q_norm_weight=q_w, k_norm_weight=k_w, eps=eps,
+            q_norm_weight=q_w, k_norm_weight=k_w, eps=eps, k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )  # fmt: skip
 
     def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

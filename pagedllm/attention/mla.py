@@ -126,6 +126,9 @@ class MLATorchImpl(AttentionImpl):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         kv_written: bool = False,
+        *,
+        k_scale: torch.Tensor | None = None,  # NOTE: unused: an MLA cache is never FP8
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_tokens = metadata.num_actual_tokens
         value_dim = value.shape[-1]
@@ -269,6 +272,11 @@ class MLAAttention(Attention):
         self._rope: tuple[RotaryEmbedding] = (rotary_emb,)
 
     def kv_cache_spec(self, block_size: int, dtype: str) -> KVCacheSpec:
+        if dtype.startswith("fp8"):
+            raise ValueError(
+                f"kv_cache_dtype={dtype!r} is not supported for MLA (multi-head latent "
+                "attention) layers yet; use kv_cache_dtype='auto'"
+            )
         return MLASpec(block_size, 1, self.head_dim, dtype, kv_lora_rank=self.kv_lora_rank)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

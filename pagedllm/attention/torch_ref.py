@@ -8,6 +8,9 @@ after cached context) run one request at a time.
 
 Both paths take SDPA, unless the layer soft-caps its logits or has attention sinks: then
 `softmax_attention`, the explicit math in float32 (scores, cap, mask, sink column, softmax).
+
+An FP8 cache is written quantized (`fp8_kv.quantize_kv`: x / scale, saturated to E4M3) and the
+gathered K/V are dequantized (× scale, then the query's dtype) before the same math.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import torch
 from torch.nn import functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadata
+from pagedllm.attention.fp8_kv import as_bytes, dequantize_kv, quantize_kv
 
 _DECODE_CHUNK_BYTES = 8 << 20
+# (k_scale, v_scale) of an FP8 cache; None: 1.0.
+_Scales = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 def write_to_kv_cache(
@@ -25,30 +31,38 @@ def write_to_kv_cache(
     value: torch.Tensor,  # [T, Hkv, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # int64 [T]
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Stores token `t`'s K/V in flat slot `slot_mapping[t]` (= block * block_size + offset).
+    """Stores token `t`'s K/V in flat slot `slot_mapping[t]` (= block * block_size + offset),
+    quantized with `k_scale` / `v_scale` when the cache is FP8.
 
     NOTE: every slot is valid (>= 0); `view` (not `reshape`) so a non-viewable cache fails loudly
     instead of silently writing into a copy.
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    flat = as_bytes(kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim))
+    flat[0].index_copy_(0, slot_mapping, as_bytes(quantize_kv(key, k_scale, kv_cache.dtype)))
+    flat[1].index_copy_(0, slot_mapping, as_bytes(quantize_kv(value, v_scale, kv_cache.dtype)))
 
 
 def gather_kv(
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     block_ids: torch.Tensor,  # int [B, nb], each a valid block id
+    dtype: torch.dtype | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the given blocks laid end to end: two `[B, nb * block_size, Hkv, D]` tensors."""
+    """K and V of the given blocks laid end to end: two `[B, nb * block_size, Hkv, D]` tensors,
+    in `dtype` (None: the cache's), FP8 rows dequantized with `k_scale` / `v_scale`."""
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     batch, nb = block_ids.shape
     flat_ids = block_ids.reshape(-1).long()
-    key = kv_cache[0].index_select(0, flat_ids)
-    value = kv_cache[1].index_select(0, flat_ids)
     shape = (batch, nb * block_size, num_kv_heads, head_dim)
-    return key.view(shape), value.view(shape)
+    dtype = dtype or kv_cache.dtype
+    key = as_bytes(kv_cache[0]).index_select(0, flat_ids).view(kv_cache.dtype).view(shape)
+    value = as_bytes(kv_cache[1]).index_select(0, flat_ids).view(kv_cache.dtype).view(shape)
+    return dequantize_kv(key, k_scale, dtype), dequantize_kv(value, v_scale, dtype)
 
 
 def softmax_attention(
@@ -102,12 +116,19 @@ class TorchRefAttention(AttentionImpl):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         kv_written: bool = False,
+        *,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_tokens = metadata.num_actual_tokens
         # NOTE: rows past num_actual_tokens (batch padding) are neither cached nor attended; their
         # output is zero.
         if not kv_written:
-            write_to_kv_cache(key[:num_tokens], value[:num_tokens], kv_cache, metadata.slot_mapping)
+            write_to_kv_cache(
+                key[:num_tokens], value[:num_tokens], kv_cache, metadata.slot_mapping,
+                k_scale, v_scale,
+            )  # fmt: skip
+        scales = (k_scale, v_scale)
         output = torch.zeros_like(query)
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()
@@ -118,10 +139,13 @@ class TorchRefAttention(AttentionImpl):
                 decode_reqs.append(i)
             elif query_len > 1:
                 self._forward_one(
-                    query, kv_cache, metadata, i, starts[i], query_len, seq_lens[i], output
-                )
+                    query, kv_cache, metadata, i, starts[i], query_len, seq_lens[i], output,
+                    scales,
+                )  # fmt: skip
         if decode_reqs:
-            self._forward_decodes(query, kv_cache, metadata, decode_reqs, starts, seq_lens, output)
+            self._forward_decodes(
+                query, kv_cache, metadata, decode_reqs, starts, seq_lens, output, scales
+            )
         return output
 
     def _forward_one(
@@ -134,6 +158,7 @@ class TorchRefAttention(AttentionImpl):
         query_len: int,
         seq_len: int,
         output: torch.Tensor,
+        scales: _Scales = (None, None),
     ) -> None:
         """Request `req`'s `query_len` rows (positions `seq_len - query_len` on) over its cache."""
         block_size = kv_cache.shape[2]
@@ -141,7 +166,7 @@ class TorchRefAttention(AttentionImpl):
         first_block = key_start // block_size
         last_block = (seq_len - 1) // block_size
         block_ids = metadata.block_table[req : req + 1, first_block : last_block + 1]
-        key, value = gather_kv(kv_cache, block_ids)  # [1, L, Hkv, D]
+        key, value = gather_kv(kv_cache, block_ids, query.dtype, *scales)  # [1, L, Hkv, D]
         device = query.device
         key_pos = first_block * block_size + torch.arange(key.shape[1], device=device)
         query_pos = seq_len - query_len + torch.arange(query_len, device=device)
@@ -174,19 +199,22 @@ class TorchRefAttention(AttentionImpl):
         starts: list[int],
         seq_lens: list[int],
         output: torch.Tensor,
+        scales: _Scales = (None, None),
     ) -> None:
         """All single-row requests, in chunks whose gathered K (and V) stay under a byte budget."""
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         window = self.sliding_window
         longest = max(seq_lens[i] if window is None else min(seq_lens[i], window) for i in reqs)
-        bytes_per_req = (longest + 2 * block_size) * num_kv_heads * head_dim * kv_cache.itemsize
+        itemsize = max(kv_cache.itemsize, query.itemsize)  # NOTE: an FP8 cache is dequantized
+        bytes_per_req = (longest + 2 * block_size) * num_kv_heads * head_dim * itemsize
         # NOTE: a bounded gather bounds peak memory and lets the allocator reuse one buffer
         # (large fresh allocations cost a page fault per 4 KiB, more than the copy itself).
         chunk = max(1, _DECODE_CHUNK_BYTES // bytes_per_req)
         for lo in range(0, len(reqs), chunk):
             self._forward_decode_chunk(
-                query, kv_cache, metadata, reqs[lo : lo + chunk], starts, seq_lens, output
-            )
+                query, kv_cache, metadata, reqs[lo : lo + chunk], starts, seq_lens, output,
+                scales,
+            )  # fmt: skip
 
     def _forward_decode_chunk(
         self,
@@ -197,6 +225,7 @@ class TorchRefAttention(AttentionImpl):
         starts: list[int],
         seq_lens: list[int],
         output: torch.Tensor,
+        scales: _Scales = (None, None),
     ) -> None:
         """Single-row requests at once: their blocks gathered, padded to the longest, masked."""
         block_size = kv_cache.shape[2]
@@ -219,7 +248,7 @@ class TorchRefAttention(AttentionImpl):
         cols = torch.where(in_range, cols, 0)
         block_ids = metadata.block_table[req_idx[:, None], cols]
         block_ids = torch.where(in_range, block_ids, 0)
-        key, value = gather_kv(kv_cache, block_ids)  # [B, L, Hkv, D]
+        key, value = gather_kv(kv_cache, block_ids, query.dtype, *scales)  # [B, L, Hkv, D]
         key_pos = first[:, None] * block_size + torch.arange(key.shape[1], device=device)
         mask = (key_pos >= key_start[:, None]) & (key_pos < seq_len[:, None])  # [B, L]
         # GQA without repeating K/V: the G query heads sharing a KV head act as G query rows.

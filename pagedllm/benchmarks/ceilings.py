@@ -167,8 +167,17 @@ def model_shape(mc: ModelConfig) -> ModelShape:
 
 def weight_bytes(mc: ModelConfig, batch: int = 1) -> float:
     """Bytes of the weights that one step of `batch` tokens reads: layers (the experts the
-    tokens route to), final norm and the LM head."""
-    return model_shape(mc).params_read(batch) * dtype_size(mc.dtype)
+    tokens route to), final norm and the LM head. A quantized checkpoint's layers take its
+    method's bytes per parameter (`weight_bytes_per_param`); the LM head stays unquantized."""
+    from pagedllm.layers.quantization.base import quantization_config_from_hf
+
+    size = dtype_size(mc.dtype)
+    params = model_shape(mc).params_read(batch)
+    quant = quantization_config_from_hf(mc.hf_config, getattr(mc, "quantization", None))
+    if quant is None:
+        return params * size
+    head = mc.hidden_size * mc.vocab_size
+    return (params - head) * quant.weight_bytes_per_param(size) + head * size
 
 
 def _positions_read(first: int, count: int, window: int | None) -> int:

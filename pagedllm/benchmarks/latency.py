@@ -8,6 +8,7 @@ step reads the weights once: bound = copy bandwidth / weight bytes) and the frac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -36,7 +37,10 @@ def main(ns: argparse.Namespace) -> dict[str, float]:
         output_kind=RequestOutputKind.DELTA,
     )
     ttfts, rates = [], []
+    before = None
     for i in range(ns.num_warmup + ns.num_iters):
+        if i == ns.num_warmup:
+            before = dataclasses.replace(engine.get_stats())
         (req,) = t1_requests(1, (ns.input_len,) * 2, (ns.output_len,) * 2, mc.vocab_size, i)
         start = time.perf_counter()
         engine.add_request(str(i), {"prompt_token_ids": req.prompt_token_ids}, params)
@@ -58,6 +62,10 @@ def main(ns: argparse.Namespace) -> dict[str, float]:
         f"TTFT {result['ttft_s'] * 1e3:.1f} ms, decode {result['decode_tok_per_s']:.1f} tok/s "
         f"(median of {ns.num_iters})"
     )
+    if engine.config.speculative_config is not None:
+        from pagedllm.benchmarks.spec_decode import spec_decode_line
+
+        print(spec_decode_line(engine.get_stats(), before))
     if engine.config.device_config.device == "cuda":
         from pagedllm.benchmarks.ceilings import measure_ceilings, weight_bytes
 

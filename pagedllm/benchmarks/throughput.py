@@ -49,7 +49,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--backend",
         default="pagedllm",
         help="comma-separated runs, in one process: pagedllm, pagedllm-no-prefix-caching, "
-        "pagedllm-json-schema (every request under STRUCTURED_SCHEMA), hf",
+        "pagedllm-mp (the multiprocess executor), pagedllm-fp8-kv (--kv-cache-dtype fp8), "
+        "pagedllm-json-schema (every request under "
+        "STRUCTURED_SCHEMA), hf",
     )
     parser.add_argument(
         "--workload",
@@ -161,6 +163,10 @@ def run_pagedllm(
 
         print(f"{name}: phases over the whole run ({elapsed:.2f} s):")
         print_phases(phases)
+    if args.speculative_config is not None:
+        from pagedllm.benchmarks.spec_decode import spec_decode_line
+
+        print(f"{name}: {spec_decode_line(llm.llm_engine.get_stats())}")
     llm.llm_engine.engine_core.shutdown()
     del llm
     _free_device_memory()
@@ -257,6 +263,12 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
         elif backend == "pagedllm-no-prefix-caching":
             no_cache = dataclasses.replace(engine_args, enable_prefix_caching=False)
             results.append(run_pagedllm(no_cache, requests, ns.temperature, backend))
+        elif backend == "pagedllm-mp":
+            mp_args = dataclasses.replace(engine_args, distributed_executor_backend="mp")
+            results.append(run_pagedllm(mp_args, requests, ns.temperature, backend))
+        elif backend == "pagedllm-fp8-kv":
+            fp8_kv = dataclasses.replace(engine_args, kv_cache_dtype="fp8")
+            results.append(run_pagedllm(fp8_kv, requests, ns.temperature, backend))
         elif backend == "pagedllm-json-schema":
             results.append(
                 run_pagedllm(
@@ -277,7 +289,7 @@ def main(ns: argparse.Namespace) -> list[ThroughputResult]:
         else:
             raise ValueError(
                 f"unknown backend {backend!r}: use pagedllm, pagedllm-no-prefix-caching, "
-                "pagedllm-json-schema or hf"
+                "pagedllm-mp, pagedllm-fp8-kv, pagedllm-json-schema or hf"
             )
     print(
         f"model {config.model_config.model} ({config.model_config.dtype}, "

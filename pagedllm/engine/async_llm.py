@@ -33,6 +33,7 @@ from typing import Any, TypeVar, cast
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine import serial
 from pagedllm.engine.core_client import EngineCoreClient
+from pagedllm.engine.dp_client import DPEngineCoreClient
 from pagedllm.engine.exceptions import EngineDeadError, RequestFailedError
 from pagedllm.engine.input_processor import (
     CheckedInput,
@@ -147,7 +148,11 @@ class AsyncLLM:
         self.tokenizer = get_tokenizer(config.model_config.tokenizer)
         self.input_processor = InputProcessor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCoreClient(config)
+        self.engine_core: EngineCoreClient | DPEngineCoreClient
+        if config.parallel_config.data_parallel_size > 1:
+            self.engine_core = DPEngineCoreClient(config)
+        else:
+            self.engine_core = EngineCoreClient(config)
         from pagedllm.metrics.prometheus import PrometheusStatLogger
 
         self.stat_logger = PrometheusStatLogger(
@@ -355,7 +360,10 @@ class AsyncLLM:
             while True:
                 kind, payload = await self.engine_core.get_output()
                 if kind == serial.OutputKind.OUTPUTS:
-                    await self._process(serial.decode_outputs(payload))
+                    # NOTE: the data-parallel client hands batches on decoded (stats merged).
+                    if not isinstance(payload, EngineCoreOutputs):
+                        payload = serial.decode_outputs(payload)
+                    await self._process(payload)
                 else:  # FAILED (the core's error) or DEAD (the monitor saw it exit)
                     self._on_dead(EngineDeadError(f"the engine core died: {payload}"))
                     return

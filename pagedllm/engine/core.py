@@ -44,7 +44,7 @@ from pagedllm.engine.outputs import (
 )
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler
-from pagedllm.engine.stats import SchedulerStats
+from pagedllm.engine.stats import PrefixCacheStats, SchedulerStats
 from pagedllm.engine.structured_output import StructuredOutputManager
 from pagedllm.engine.structured_output.manager import BitmaskFill
 
@@ -160,6 +160,16 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
         for req_id in request_ids:
             self._arrival_times.pop(req_id, None)
+
+    def num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_requests()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv_cache_manager.reset_prefix_cache()
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.scheduler.kv_cache_manager.prefix_cache_stats
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)

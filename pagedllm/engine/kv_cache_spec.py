@@ -6,7 +6,9 @@ of their page sizes) and each layer's backend shapes its tensor from its spec
 (`AttentionBackend.kv_cache_shape`). A new kind of layer state (MLA's compressed latent, an FP8
 cache with scales) is a new spec class.
 
-NOTE: pure Python (no torch), like the rest of `engine/`: dtypes are names.
+NOTE: pure Python (no torch), like the rest of `engine/`: dtypes are names. A spec's `dtype` is
+the cache's (`CacheConfig.kv_cache_dtype`: the model's, or "fp8_e4m3" at one byte a value, so an
+FP8 page holds a bf16 page's tokens in half the bytes), sized by `config.dtype_size`.
 """
 
 from __future__ import annotations

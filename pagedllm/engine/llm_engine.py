@@ -8,6 +8,7 @@ from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore, Executor
+from pagedllm.engine.dp import DPEngineCores
 from pagedllm.engine.input_processor import (
     CheckedInput,
     InputProcessor,
@@ -30,9 +31,13 @@ class LLMEngine:
         self.config = config
         self.tokenizer = get_tokenizer(config.model_config.tokenizer)
         self.input_processor = InputProcessor(config, self.tokenizer)
-        if executor is None:
-            executor = executor_class(config)(config)
-        self.engine_core = EngineCore(config, executor)
+        self.engine_core: EngineCore | DPEngineCores
+        if config.parallel_config.data_parallel_size > 1 and executor is None:
+            self.engine_core = DPEngineCores(config)
+        else:
+            if executor is None:
+                executor = executor_class(config)(config)
+            self.engine_core = EngineCore(config, executor)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod
@@ -77,14 +82,14 @@ class LLMEngine:
         return self.engine_core.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return self.engine_core.scheduler.get_num_unfinished_requests()
+        return self.engine_core.num_unfinished_requests()
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
-        return self.engine_core.scheduler.kv_cache_manager.prefix_cache_stats
+        return self.engine_core.prefix_cache_stats
 
     def get_stats(self) -> SchedulerStats:
         return self.engine_core.make_stats()
 
     def reset_prefix_cache(self) -> bool:
-        return self.engine_core.scheduler.kv_cache_manager.reset_prefix_cache()
+        return self.engine_core.reset_prefix_cache()

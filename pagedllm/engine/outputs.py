@@ -112,6 +112,11 @@ class ModelRunnerOutput:
     logprobs: list[Logprobs | None] | None = None
     # Prompt logprobs computed this step, for the requests that asked (one row per prompt token).
     prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    # Speculative decoding with a draft model: the drafts the worker proposed after this step,
+    # by request (the scheduler schedules them next step, cut to its budget).
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Seconds the worker spent proposing them (the draft model's forwards and sampling).
+    draft_time_s: float = 0.0
 
 
 # ----- core → output processor -----

@@ -27,6 +27,15 @@ drafts and the one token after them, and rolls `num_computed_tokens` back over t
 ones: their KV slots are simply written again later (the blocks stay the request's). Drafts
 are dropped rather than preempting another request, and a request whose sampling reads per
 position state (a grammar, penalties, bad words, min_tokens, allowed ids, logit bias) gets none.
+
+With a draft model (method "draft_model") the worker proposes: each step's runner output
+carries the drafts proposed after it (`ModelRunnerOutput.draft_token_ids`), kept here with the
+token count they continue and scheduled in the request's next step (cut to its room). The
+draft writes its own KV at the positions of its proposals, up to k slots past the step's last
+scheduled token: a request's allocation asks for those `num_lookahead` slots too while the
+pool has a block to spare for every running request (`_lookahead`: a guess never costs another
+request its place), never published (only known tokens' full blocks are); the worker drafts
+only into slots its request holds.
 """
 
 from __future__ import annotations
@@ -63,7 +72,14 @@ class Scheduler:
         """`sliding_window`: every layer's window (`uniform_sliding_window`), whose blocks out
         of it the KV manager frees. `speculative_config`: drafts proposed (None: off)."""
         self.config = scheduler_config
-        self.proposer = None if speculative_config is None else NgramProposer(speculative_config)
+        self.proposer = None
+        self.num_lookahead = 0  # KV slots the worker's draft model writes past a step's tokens
+        if speculative_config is not None and speculative_config.method == "ngram":
+            self.proposer = NgramProposer(speculative_config)
+        elif speculative_config is not None:
+            self.num_lookahead = speculative_config.num_speculative_tokens
+        # The worker's drafts of each request: (its num_tokens when proposed, the drafts).
+        self.worker_drafts: dict[str, tuple[int, list[int]]] = {}
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, sliding_window
@@ -116,6 +132,7 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        self.worker_drafts.pop(request.request_id, None)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
         self.num_history_reqs -= request.sampling_params.needs_token_history
@@ -153,8 +170,11 @@ class Scheduler:
             assert num_new > 0, "a running request always has a token to compute"
             drafts = self._propose(request, budget - num_new)
             new_blocks = None
-            if drafts:
-                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new + len(drafts))
+            lookahead = self._lookahead()
+            if drafts or lookahead:
+                new_blocks = self.kv_cache_manager.allocate_slots(
+                    request, num_new + len(drafts) + lookahead
+                )
                 if new_blocks is None:
                     drafts = []  # NOTE: no room for them: no preemption for a guess
                 else:
@@ -203,9 +223,16 @@ class Scheduler:
                 continue
             hit_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(
-                request, num_new, hit_blocks, num_hit_tokens
-            )
+            new_blocks = None
+            lookahead = self._lookahead()
+            if lookahead:
+                new_blocks = self.kv_cache_manager.allocate_slots(
+                    request, num_new + lookahead, hit_blocks, num_hit_tokens
+                )
+            if new_blocks is None:
+                new_blocks = self.kv_cache_manager.allocate_slots(
+                    request, num_new, hit_blocks, num_hit_tokens
+                )
             if new_blocks is None:
                 break
             self.waiting.popleft()
@@ -257,13 +284,23 @@ class Scheduler:
         self.stats.num_preemptions += len(preempted)
         return out
 
+    def _lookahead(self) -> int:
+        """The draft model's slots to reserve past a request's scheduled tokens: none unless the
+        pool keeps a free block for every running request (NOTE: so that the reservation
+        rarely makes another request wait or be preempted)."""
+        if not self.num_lookahead:
+            return 0
+        spare = self.kv_cache_manager.pool.num_free_blocks > len(self.running)
+        return self.num_lookahead if spare else 0
+
     def _propose(self, request: Request, budget_left: int) -> list[int]:
         """The draft tokens of a running request, within the budget left after its own token:
         only a decoding one (its last token left to compute, none in flight) whose sampling
         has no per-position state, and never past its max_tokens (the last token after the
         drafts must fit)."""
+        worker_drafts = self.worker_drafts.pop(request.request_id, None)
         if (
-            self.proposer is None
+            (self.proposer is None and worker_drafts is None)
             or budget_left <= 0
             or request.num_output_placeholders
             or request.num_tokens - request.num_computed_tokens != 1
@@ -276,6 +313,11 @@ class Scheduler:
         room = min(budget_left, request.max_tokens - request.num_output_tokens - 1)
         if room <= 0:
             return []
+        if self.proposer is None:
+            assert worker_drafts is not None
+            num_tokens, drafts = worker_drafts
+            # NOTE: drafts continue the tokens they were proposed after, and nothing else.
+            return drafts[:room] if num_tokens == request.num_tokens else []
         return self.proposer.propose(request.all_token_ids, room)
 
     def _fail(self, request: Request, reason: str) -> EngineCoreOutput:
@@ -297,6 +339,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        self.worker_drafts.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -377,6 +420,11 @@ class Scheduler:
                 )
             )
             self.stats.num_generation_tokens += len(new_ids)
+        for req_id, drafts in runner_output.draft_token_ids.items():
+            request = self.requests.get(req_id)
+            if request is not None and not request.is_finished and drafts:
+                self.worker_drafts[req_id] = (request.num_tokens, drafts)
+        self.stats.spec_draft_time_s += runner_output.draft_time_s
         self.stats.num_steps += 1
         return outputs
 

@@ -39,7 +39,35 @@ class SchedulerStats:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    spec_draft_time_s: float = 0.0  # the worker's draft model proposing them (0 for n-gram)
 
     @property
     def spec_acceptance_rate(self) -> float:
+        """Accepted draft tokens over proposed ones."""
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verifying request gets per step on average: its accepted drafts plus the
+        one the target samples after them (1 + accepted / drafts)."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+def merge_stats(parts: list[SchedulerStats]) -> SchedulerStats:
+    """The stats of several engine cores (data parallelism) as one engine's: counts and times
+    summed, the KV-cache usage averaged (the cores have equal caches)."""
+    merged = SchedulerStats()
+    for name, value in vars(merged).items():
+        if isinstance(value, PrefixCacheStats):
+            setattr(
+                merged,
+                name,
+                PrefixCacheStats(
+                    *(sum(getattr(getattr(p, name), f) for p in parts) for f in vars(value))
+                ),
+            )
+        else:
+            setattr(merged, name, sum(getattr(p, name) for p in parts))
+    if parts:
+        merged.kv_cache_usage /= len(parts)
+    return merged

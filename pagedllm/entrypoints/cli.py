@@ -1,5 +1,5 @@
 """The `pagedllm` command: its parser (`--version`, the subcommands `generate`, `chat`, `serve`,
-`download`, `bench throughput|latency|startup|serve`, help that shows defaults) and `main`."""
+`download`, `bench throughput|latency|startup|serve|spec`, help that shows defaults) and `main`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from pagedllm import __version__
 
-BENCH_HELP = "benchmarks: T1 throughput, T2 latency, T4 serving, start-up time"
+BENCH_HELP = "benchmarks: T1 throughput, T2 latency, T4 serving, start-up time, spec decode"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         bench_serve.add_cli_args,
         bench_serve.main,
     )
+    from pagedllm.benchmarks import spec_decode as bench_spec
+
+    _command(
+        bench_sub,
+        "spec",
+        "speculative decoding on a copy-heavy workload vs none, same run (tok/s, acceptance)",
+        bench_spec.add_cli_args,
+        bench_spec.main,
+    )
     from pagedllm.benchmarks import moe as bench_moe  # NOTE: imports Triton only when run
 
     _command(
@@ -132,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the fused-MoE Triton kernels vs the torch reference; --sweep writes their config table",
         bench_moe.add_cli_args,
         bench_moe.main,
+    )
+    from pagedllm.benchmarks import quant_gemm as bench_quant_gemm  # NOTE: Triton only when run
+
+    _command(
+        bench_sub,
+        "quant-gemm",
+        "the FP8 and W4A16 GEMMs vs bf16 at llama3-8b shapes (M = 1 … 4096); --sweep: configs",
+        bench_quant_gemm.add_cli_args,
+        bench_quant_gemm.main,
     )
     return parser
 

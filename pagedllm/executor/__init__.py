@@ -17,15 +17,12 @@ if TYPE_CHECKING:
 
 def executor_class(config: EngineConfig) -> type[Executor]:
     """The executor for `config.parallel_config`: `UniProcExecutor` (one worker in the engine's
-    own process) for a world size of 1; no other exists yet."""
-    parallel = config.parallel_config
-    if parallel.world_size == 1:
-        from pagedllm.executor.uniproc import UniProcExecutor
+    own process) or `MultiprocExecutor` (one worker process per rank), by
+    `ParallelConfig.executor_backend`."""
+    if config.parallel_config.executor_backend == "mp":
+        from pagedllm.executor.multiproc import MultiprocExecutor
 
-        return UniProcExecutor
-    raise ValueError(
-        f"tensor_parallel_size={parallel.tensor_parallel_size} with pipeline_parallel_size="
-        f"{parallel.pipeline_parallel_size} (world size {parallel.world_size}) needs a "
-        f"multi-process executor, which pagedllm has not yet: only world size 1 runs "
-        f"(UniProcExecutor)"
-    )
+        return MultiprocExecutor
+    from pagedllm.executor.uniproc import UniProcExecutor
+
+    return UniProcExecutor

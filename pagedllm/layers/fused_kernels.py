@@ -32,6 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.attention.fp8_kv import kernel_scales
+from pagedllm.attention.triton.cache import _quantize_fp8
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -204,19 +207,23 @@ def _prologue_q(q_ptr, part, num_q_heads, cos, sin, w_ptr, eps, HEAD_DIM: tl.con
 
 @triton.jit
 def _prologue_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, dst, num_kv_heads, cos, sin, w_ptr, eps,
-                 stride_ch, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-                 BLOCK_HK: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
-    """One token's K heads (normed, rotated) and V heads into the cache slot at offset `dst`."""
+                 stride_ch, k_scale_ptr, v_scale_ptr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                 HALF_P: tl.constexpr, BLOCK_HK: tl.constexpr, HAS_NORM: tl.constexpr,
+                 FP8: tl.constexpr):  # fmt: skip
+    """One token's K heads (normed, rotated) and V heads into the cache slot at offset `dst`
+    (an FP8 cache's quantized with the layer's scales: `_quantize_fp8`)."""
     heads = tl.arange(0, BLOCK_HK)
     lanes = tl.arange(0, HALF_P)
     mask = _in_half((heads < num_kv_heads)[:, None], lanes[None, :], HALF, HALF_P)
     offs = heads[:, None] * HEAD_DIM + lanes[None, :]
     o1, o2 = _norm_rope(k_ptr + offs, mask, cos, sin, w_ptr, eps, HALF, HALF_P, HAS_NORM)
     cache_offs = dst + heads[:, None] * stride_ch + lanes[None, :]
+    o1, o2 = _quantize_fp8(o1, k_scale_ptr, FP8), _quantize_fp8(o2, k_scale_ptr, FP8)
     tl.store(k_cache_ptr + cache_offs, o1.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(k_cache_ptr + cache_offs + HALF, o2.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v1 = tl.load(v_ptr + offs, mask=mask)
     v2 = tl.load(v_ptr + offs + HALF, mask=mask)
+    v1, v2 = _quantize_fp8(v1, v_scale_ptr, FP8), _quantize_fp8(v2, v_scale_ptr, FP8)
     tl.store(v_cache_ptr + cache_offs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_offs + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -234,6 +241,8 @@ def _prologue_kernel(
     slot_mapping_ptr,
     q_norm_ptr,
     k_norm_ptr,
+    k_scale_ptr,  # fp32 [] (FP8 only)
+    v_scale_ptr,
     num_tokens,
     num_q_heads,
     num_kv_heads,
@@ -251,6 +260,7 @@ def _prologue_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Program (token, part): part 0 normalizes and rotates the token's K heads and stores them
     with its V heads in the cache slot; part p > 0 does q heads `(p - 1) * BLOCK_HQ` on, in place.
@@ -272,8 +282,8 @@ def _prologue_kernel(
     elif slot >= 0:
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
         _prologue_kv(k_ptr + tok * stride_kt, v_ptr + tok * stride_vt, k_cache_ptr, v_cache_ptr,
-                     dst, num_kv_heads, cos, sin, k_norm_ptr, eps, stride_ch, HEAD_DIM, HALF,
-                     HALF_P, BLOCK_HK, HAS_NORM)  # fmt: skip
+                     dst, num_kv_heads, cos, sin, k_norm_ptr, eps, stride_ch, k_scale_ptr,
+                     v_scale_ptr, HEAD_DIM, HALF, HALF_P, BLOCK_HK, HAS_NORM, FP8)  # fmt: skip
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -361,6 +371,8 @@ def rope_norm_and_cache_(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """The attention prologue of a layer in one launch: per token, (optionally) RMSNorm each q
     and k head with its weight, rotate q and k (neox style, whole heads), rotate `query` in place
@@ -368,7 +380,8 @@ def rope_norm_and_cache_(
     `slot_mapping[t]` for the first `num_tokens` rows (slot -1: skipped). `key` is left as it was.
 
     `query` [T, Hq * D], `key`/`value` [T, Hkv * D] (rows may be strided: views of the fused qkv
-    projection); the norm weights go together (Qwen3) or not at all."""
+    projection); the norm weights go together (Qwen3) or not at all. An FP8 cache stores
+    K / k_scale and V / v_scale (fp32 scalars; None: 1.0), saturated, as `reshape_and_cache`."""
     total = query.shape[0]
     if total == 0:
         return
@@ -389,13 +402,14 @@ def rope_norm_and_cache_(
     # work spreads over 1 + Hq / (2 * Hkv) programs instead of one.
     block_hq = min(triton.next_power_of_2(num_q_heads), max(2 * block_hk, 8))
     has_norm = q_norm_weight is not None
+    fp8, k_scale, v_scale = kernel_scales(kv_cache, k_scale, v_scale, slot_mapping)
     _prologue_kernel[(total, 1 + triton.cdiv(num_q_heads, block_hq))](
         query, key, value, positions, cos_cache, sin_cache, key_cache, value_cache, slot_mapping,
         q_norm_weight if has_norm else query, k_norm_weight if has_norm else query,
-        num_tokens, num_q_heads, num_kv_heads,
+        k_scale, v_scale, num_tokens, num_q_heads, num_kv_heads,
         query.stride(0), key.stride(0), value.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), eps,
         HEAD_DIM=head_dim, HALF=head_dim // 2, HALF_P=triton.next_power_of_2(head_dim // 2),
         BLOCK_SIZE=block_size,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, HAS_NORM=has_norm,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, HAS_NORM=has_norm, FP8=fp8,
     )  # fmt: skip

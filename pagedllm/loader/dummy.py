@@ -1,7 +1,11 @@
 """Random weights without any files (load_format="dummy"), for benchmarks and tests.
 
-Every parameter is uniform in `[-DUMMY_RANGE, DUMMY_RANGE]`, drawn from a generator seeded with
-`model_config.seed`, except norm weights, which are 1 (and norm biases, 0).
+Every float parameter is uniform in `[-DUMMY_RANGE, DUMMY_RANGE]`, drawn from a generator seeded
+with `model_config.seed`, except norm weights, which are 1 (and norm biases, 0). Quantized
+parameters get valid values: one that carries `dummy_init(data, generator, DUMMY_RANGE)` (set by
+its quantization method: positive scales that keep the dequantized weight within about
+`DUMMY_RANGE`, group indices in range, the weight shape) is filled by it; other integer
+parameters (packed weights, zero points) get random bits, FP8 ones random finite e4m3 values.
 """
 
 from __future__ import annotations
@@ -13,6 +17,21 @@ from pagedllm.config import ModelConfig
 from pagedllm.layers.layernorm import RMSNorm
 
 DUMMY_RANGE = 1e-3
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _fill(data: torch.Tensor, gen: torch.Generator) -> None:
+    if data.dtype in FP8_DTYPES:
+        fmax = float(torch.finfo(data.dtype).max)
+        values = torch.empty(data.shape, dtype=torch.float32, device=data.device)
+        data.copy_(values.uniform_(-fmax, fmax, generator=gen).to(data.dtype))
+    elif data.dtype.is_floating_point:
+        data.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=gen)
+    elif data.dtype == torch.bool:
+        data.random_(0, 2, generator=gen)
+    else:
+        info = torch.iinfo(data.dtype)
+        data.random_(info.min, info.max, generator=gen)
 
 
 def load_dummy_weights(model: nn.Module, model_config: ModelConfig) -> None:
@@ -28,4 +47,9 @@ def load_dummy_weights(model: nn.Module, model_config: ModelConfig) -> None:
             continue
         if param.device not in generators:
             generators[param.device] = torch.Generator(param.device).manual_seed(model_config.seed)
-        param.data.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=generators[param.device])
+        gen = generators[param.device]
+        dummy_init = getattr(param, "dummy_init", None)
+        if dummy_init is not None:
+            dummy_init(param.data, gen, DUMMY_RANGE)
+        else:
+            _fill(param.data, gen)

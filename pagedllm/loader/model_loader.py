@@ -108,8 +108,14 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 
 def load_and_check_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """`model.load_weights(weights)`, then an error if any parameter was left unfilled."""
-    loaded = cast(CausalLM, model).load_weights(weights)
+    """`model.load_weights(weights)`, then an error if any parameter was left unfilled. The
+    checkpoint's KV-cache scales (`k_scale`, `v_scale`, ...) go to the attention layers
+    (`attention.fp8_kv.load_kv_scales`), not to the model's `load_weights`."""
+    from pagedllm.attention.fp8_kv import load_kv_scales, split_kv_scales
+
+    scales: dict[str, torch.Tensor] = {}
+    loaded = cast(CausalLM, model).load_weights(split_kv_scales(weights, scales))
+    load_kv_scales(model, scales)
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
     if missing:
         shown = ", ".join(missing[:8]) + (", …" if len(missing) > 8 else "")

@@ -1,8 +1,8 @@
 """Prometheus metrics of an `AsyncLLM`, under vLLM's names with the prefix `pagedllm:`.
 
 Scheduler state comes from the engine core's stats (one snapshot per step): gauges are set from
-it, and its cumulative counters (prefix-cache queries and hits, preemptions) are turned into
-counter increments. Request metrics come from the client, which sees every request's outputs
+it, and its cumulative counters (prefix-cache queries and hits, preemptions, speculative
+decoding's drafts, draft tokens and accepted tokens) are turned into counter increments. Request metrics come from the client, which sees every request's outputs
 arrive: token counts, time to first token, inter-token latency, end-to-end latency, queue time
 (measured in the core: from the request reaching it to its first schedule), and finished
 requests by finish reason.
@@ -80,6 +80,16 @@ class PrometheusStatLogger:
         self.num_preemptions = counter(
             "num_preemptions", "Requests preempted (their KV cache freed, to be recomputed)."
         ).labels(model_name)
+        self.spec_decode_num_drafts = counter(
+            "spec_decode_num_drafts",
+            "Speculative decoding: drafts verified (one per request per step that verified any).",
+        ).labels(model_name)
+        self.spec_decode_num_draft_tokens = counter(
+            "spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified."
+        ).labels(model_name)
+        self.spec_decode_num_accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted."
+        ).labels(model_name)
         self.prompt_tokens = counter(
             "prompt_tokens", "Prompt tokens of requests that produced a first token."
         ).labels(model_name)
@@ -121,6 +131,9 @@ class PrometheusStatLogger:
         self.prefix_cache_queries.inc(max(cache.queries - last_cache.queries, 0))
         self.prefix_cache_hits.inc(max(cache.hits - last_cache.hits, 0))
         self.num_preemptions.inc(max(stats.num_preemptions - last.num_preemptions, 0))
+        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            metric = getattr(self, f"spec_decode_{name}")
+            metric.inc(max(getattr(stats, name) - getattr(last, name), 0))
 
     def record_finished(self, finish_reason: str | None) -> None:
         self._request_success.labels(self._model_name, finish_reason or "unknown").inc()

@@ -10,16 +10,17 @@ A step is `launch`ed (inputs prepared, kernels queued, result copies started) an
 scheduling): its rows whose last token the previous step is still sampling take that id from
 the previous step's device tensor, so no step waits for the host to see the ids.
 
-Speculative decoding: a request with drafts (`SchedulerOutput.scheduled_spec_decode_tokens`)
-runs its last token then its drafts (written after its known tokens in the batch), and its last
-1 + k rows give logits; such a step is sampled and brought to the host at once (`_sample_spec`:
-the rejection sampler for the drafting requests, the sampler for the others), as the engine
-core steps synchronously with speculation on.
+Speculative decoding (`spec_decode.py`): a request with drafts runs its last token then its
+drafts, and its last 1 + k rows give logits; such a step is sampled and brought to the host at
+once (`_sample_spec`), as the engine core steps synchronously with speculation on. With a draft
+model (`draft_model.py`) the draft proposes once a step is collected, and the output carries
+the proposals back to the scheduler (`ModelRunnerOutput.draft_token_ids`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,20 +44,16 @@ from pagedllm.models.interface import CausalLM
 from pagedllm.utils import cdiv
 from pagedllm.worker.buckets import padded_rows, row_buckets
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
+from pagedllm.worker.draft_model import DraftModel
 from pagedllm.worker.input_batch import InputBatch
 from pagedllm.worker.sample import (
     HostLogprobs,
     Sampler,
     SamplingMetadata,
-    compute_logprobs,
     compute_prompt_logprobs,
 )
-from pagedllm.worker.sample.rejection import (
-    DraftLayout,
-    draw_noise,
-    rejection_sample,
-    target_probs,
-)
+from pagedllm.worker.sample.rejection import DraftLayout
+from pagedllm.worker.spec_decode import SpecDecodeSampler, draft_layout, write_drafts
 from pagedllm.worker.staging import HostStager, PendingHost
 
 logger = logging.getLogger(__name__)
@@ -121,7 +118,10 @@ class ModelRunner:
         model: CausalLM,
         device: torch.device,
         attn_backend: type[AttentionBackend],
+        drafter: DraftModel | None = None,
     ) -> None:
+        """`drafter`: the draft model of speculative decoding, which proposes after each step
+        (None: drafts come from the engine core, or no speculation)."""
         self.config = config
         self.model = model
         self.device = device
@@ -141,6 +141,10 @@ class ModelRunner:
         self.sampler = Sampler(seed=config.model_config.seed, device=device)
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.stager = HostStager(device)
+        self.spec_sampler = SpecDecodeSampler(self.input_batch, self.stager, self.sampler)
+        self.drafter = drafter
+        if drafter is not None:
+            drafter.bind(self.input_batch, self.stager, self.sampler)
         self.cuda_graphs: CudaGraphRunner | None = None
         self._step_id = 0
         # The last launched step's id and its sampled ids on the device.
@@ -237,6 +241,9 @@ class ModelRunner:
             rng.finish_request(req_id)
         for req_id in out.preempted_req_ids:
             batch.remove_request(req_id)  # NOTE: its RNG state stays, for when it resumes
+        if self.drafter is not None:
+            for req_id in out.finished_req_ids | out.preempted_req_ids:
+                self.drafter.remove_request(req_id)
         for new in out.scheduled_new_reqs:
             try:
                 rng.add_request(new.req_id, new.sampling_params.seed)
@@ -265,7 +272,8 @@ class ModelRunner:
         query_lens = np.fromiter(out.num_scheduled_tokens.values(), np.int64, num_reqs)
         starts = self._num_computed(out, req_ids)
         seq_lens = starts + query_lens
-        num_drafts = self._write_drafts(out, req_ids, rows)
+        spec = out.scheduled_spec_decode_tokens
+        num_drafts = write_drafts(batch, spec, req_ids, rows)
         cu = np.cumsum(query_lens)
         num_tokens = int(cu[-1])
 
@@ -289,15 +297,9 @@ class ModelRunner:
 
         sample_mask = seq_lens == batch.num_tokens[rows] + num_drafts
         logits_indices = (cu - 1)[sample_mask]
-        drafts = None
-        if num_drafts.any():
-            drafting = num_drafts[sample_mask]
-            draft_ids = [out.scheduled_spec_decode_tokens.get(r, []) for r in req_ids]
-            ids = [t for i in np.flatnonzero(sample_mask).tolist() for t in draft_ids[i]]
-            drafts = DraftLayout.from_counts(drafting, np.array(ids, np.int64))
-            sizes = 1 + drafting
-            offsets = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-            logits_indices = np.repeat(logits_indices - drafting, sizes) + offsets
+        drafts, logits_indices = draft_layout(
+            spec, req_ids, sample_mask, num_drafts, logits_indices
+        )
         pending = self._pending_inputs(rows, sample_mask, cu)
         st = self.stager
         graph_size = None
@@ -341,24 +343,6 @@ class ModelRunner:
             graph_size=graph_size,
             drafts=drafts,
         )
-
-    def _write_drafts(
-        self, out: SchedulerOutput, req_ids: list[str], rows: np.ndarray
-    ) -> np.ndarray:
-        """Writes each request's drafts after its known tokens (the step's inputs read them
-        there; the tokens it emits overwrite them); returns their counts (int64 [num_reqs])."""
-        spec = out.scheduled_spec_decode_tokens
-        counts = np.zeros(len(req_ids), np.int64)
-        if not spec:
-            return counts
-        batch = self.input_batch
-        for i, req_id in enumerate(req_ids):
-            draft = spec.get(req_id)
-            if draft:
-                row, n = int(rows[i]), int(batch.num_tokens[rows[i]])
-                batch.token_ids[row, n : n + len(draft)] = draft
-                counts[i] = len(draft)
-        return counts
 
     def _pending_inputs(
         self, rows: np.ndarray, sample_mask: np.ndarray, cu: np.ndarray
@@ -547,150 +531,52 @@ class ModelRunner:
                 md.token_bitmask_rows = None if rows is None else self.stager.to_device(rows)
 
     def _sample_spec(self, step: InFlightStep, grammar: GrammarOutput | None) -> None:
-        """Samples a step with drafts and builds its output at once (one host sync per part):
-        the drafting requests through the rejection sampler (their emitted tokens' logprobs are
-        the target's raw ones), the others through the sampler, then prompt logprobs. The
-        emitted tokens enter the batch now (no placeholders: nothing is in flight after it)."""
+        """Samples a step with drafts and builds its output at once (`SpecDecodeSampler`)."""
         inputs, logits = step.inputs, step.logits
         layout = inputs.drafts
         assert logits is not None and layout is not None, "a step is sampled once"
         step.logits = None
         self._last_sampled = None
-        batch, st = self.input_batch, self.stager
-        rows = inputs.sample_rows
-        sample_idx = np.flatnonzero(inputs.sample_mask)
-        req_ids = [inputs.req_ids[i] for i in sample_idx.tolist()]
-        tokens: list[list[int]] = [[] for _ in req_ids]
-        lps: list[Logprobs | None] = [None] * len(req_ids)
-        num_logprobs = batch.num_logprobs[rows]
-        drafting = layout.num_drafts > 0
-        plain = np.flatnonzero(~drafting)
-        if plain.size:
-            md = batch.make_sampling_metadata(rows[plain], st, self.sampler.rng)
-            self._add_bitmask(md, [req_ids[i] for i in plain.tolist()], grammar)
-            out = self.sampler.sample(logits[st.to_device(layout.starts[plain])], md)
-            ids = out.token_ids.cpu().numpy()
-            host_lp = None
-            if out.logprobs is not None:
-                host_lp = HostLogprobs(
-                    *(t.cpu().numpy() for t in (out.logprobs.token_ids, out.logprobs.logprobs,
-                                               out.logprobs.ranks))
-                )  # fmt: skip
-            for j, i in enumerate(plain.tolist()):
-                tokens[i] = [int(ids[j])]
-                if host_lp is not None and num_logprobs[i] >= 0:
-                    lps[i] = host_lp.rows(j, j + 1, int(num_logprobs[i]))
-        self._verify_drafts(logits, layout, rows, np.flatnonzero(drafting), tokens, lps)
-        for i, toks in enumerate(tokens):
-            row, n = int(rows[i]), int(batch.num_tokens[rows[i]])
-            batch.token_ids[row, n : n + len(toks)] = toks
-            batch.num_tokens[row] = n + len(toks)
-        sampled_ids: list[list[int]] = [[] for _ in inputs.req_ids]
-        logprobs: list[Logprobs | None] | None = None
-        if (num_logprobs >= 0).any():
-            logprobs = [None] * len(inputs.req_ids)
-        for k, i in enumerate(sample_idx.tolist()):
-            sampled_ids[i] = tokens[k]
-            if logprobs is not None:
-                logprobs[i] = lps[k]
+        sampled_ids, logprobs = self.spec_sampler.sample(
+            inputs.req_ids,
+            inputs.sample_mask,
+            inputs.sample_rows,
+            layout,
+            logits[: layout.num_rows],
+            grammar,
+            self._add_bitmask,
+            self.drafter,
+        )
+        prompt_lp = None
+        plan = inputs.prompt_logprobs
+        if plan is not None:
+            targets = self.stager.to_device(plan.targets)
+            n = int(self.input_batch.num_prompt_logprobs[plan.batch_rows].max())
+            lp = compute_prompt_logprobs(logits[layout.num_rows :], targets, n)
+            prompt_lp = HostLogprobs(*(t.cpu().numpy() for t in (lp.token_ids, lp.logprobs,
+                                                                 lp.ranks)))  # fmt: skip
         step.output = ModelRunnerOutput(
             req_ids=inputs.req_ids,
             sampled_token_ids=sampled_ids,
             logprobs=logprobs,
-            prompt_logprobs=self._spec_prompt_logprobs(inputs, logits[layout.num_rows :]),
+            prompt_logprobs=self._split_prompt_logprobs(plan, prompt_lp),
         )
-
-    def _verify_drafts(
-        self,
-        logits: torch.Tensor,
-        layout: DraftLayout,
-        sample_rows: np.ndarray,
-        which: np.ndarray,
-        tokens: list[list[int]],
-        lps: list[Logprobs | None],
-    ) -> None:
-        """The rejection sampler over the sampled requests `which` (those with drafts; their
-        input-batch rows `sample_rows[which]`): their emitted tokens into `tokens`, and their
-        logprobs into `lps` where asked."""
-        if not which.size:
-            return
-        batch, st, rng = self.input_batch, self.stager, self.sampler.rng
-        sub = DraftLayout.from_counts(layout.num_drafts[which], layout.draft_ids)
-        sizes = 1 + sub.num_drafts
-        logit_rows = np.repeat(layout.starts[which], sizes) + (
-            np.arange(sub.num_rows) - np.repeat(sub.starts, sizes)
-        )
-        req_rows = sample_rows[which]
-        md = batch.make_sampling_metadata(np.repeat(req_rows, sizes), st, rng)
-        target = logits[st.to_device(logit_rows)].float()
-        asked = batch.num_logprobs[req_rows]
-        raw = target.log_softmax(dim=-1) if (asked >= 0).any() else None
-        probs = target_probs(target, md)
-        positions = batch.num_tokens[req_rows] - batch.num_prompt_tokens[req_rows]
-        noise, uniforms = draw_noise(
-            sub.num_rows,
-            probs.shape[1],
-            sub,
-            rng,
-            batch.seeded[req_rows],
-            batch.seed_keys[req_rows],
-            positions,
-            probs.device,
-        )
-        greedy = None
-        if not md.all_random:
-            greedy = (
-                torch.ones(sub.num_rows, dtype=torch.bool, device=probs.device)
-                if md.temperature is None
-                else md.temperature == 0
-            )
-        row_ids, emitted = rejection_sample(probs, sub, noise, uniforms, greedy)
-        for j, i in enumerate(which.tolist()):
-            tokens[i] = emitted[j]
-        if raw is None:
-            return
-        chosen = row_ids.copy()
-        for j, toks in enumerate(emitted):  # the emitted tokens, row by row
-            start = int(sub.starts[j])
-            chosen[start : start + len(toks)] = toks
-        n = int(asked.max())
-        lp = compute_logprobs(raw, st.to_device(chosen.astype(np.int64)), n)
-        host = HostLogprobs(lp.token_ids.cpu().numpy(), lp.logprobs.cpu().numpy(),
-                            lp.ranks.cpu().numpy())  # fmt: skip
-        for j, i in enumerate(which.tolist()):
-            if asked[j] >= 0:
-                start = int(sub.starts[j])
-                lps[i] = host.rows(start, start + len(emitted[j]), int(asked[j]))
-
-    def _spec_prompt_logprobs(
-        self, inputs: StepInputs, logits: torch.Tensor
-    ) -> dict[str, Logprobs]:
-        """The prompt logprobs of a speculative step (`logits`: its prompt-logprob rows)."""
-        plan = inputs.prompt_logprobs
-        if plan is None:
-            return {}
-        targets = self.stager.to_device(plan.targets)
-        n = int(self.input_batch.num_prompt_logprobs[plan.batch_rows].max())
-        lp = compute_prompt_logprobs(logits, targets, n)
-        host = HostLogprobs(lp.token_ids.cpu().numpy(), lp.logprobs.cpu().numpy(),
-                            lp.ranks.cpu().numpy())  # fmt: skip
-        out: dict[str, Logprobs] = {}
-        offset = 0
-        for req_id, row, start, count in zip(
-            plan.req_ids, plan.batch_rows, plan.starts, plan.counts
-        ):
-            num = int(self.input_batch.num_prompt_logprobs[row])
-            out[req_id] = host.rows(offset, offset + count, num, start)
-            offset += count
-        return out
 
     def collect(self, step: InFlightStep | None) -> ModelRunnerOutput:
         """Waits for a launched step's results (the one host sync of a step) and builds its
         output; its sampled ids enter the rows still held by the same requests."""
         if step is None:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        if step.output is not None:
-            return step.output
+        output = step.output if step.output is not None else self._collect_sampled(step)
+        if self.drafter is not None:
+            inputs = step.inputs
+            start = time.perf_counter()
+            sampled = [inputs.req_ids[i] for i in np.flatnonzero(inputs.sample_mask).tolist()]
+            output.draft_token_ids = self.drafter.propose(sampled, inputs.sample_rows)
+            output.draft_time_s = time.perf_counter() - start
+        return output
+
+    def _collect_sampled(self, step: InFlightStep) -> ModelRunnerOutput:
         assert step.results is not None, "a step is sampled before it is collected"
         assert step.positions is not None and step.generations is not None
         host = iter(step.results.wait())
@@ -722,19 +608,25 @@ class ModelRunner:
             num_logprobs = self.input_batch.num_logprobs[inputs.sample_rows]
             for k in np.flatnonzero(num_logprobs >= 0).tolist():
                 logprobs[int(sample_idx[k])] = sampled_lp.rows(k, k + 1, int(num_logprobs[k]))
-        prompt_logprobs: dict[str, Logprobs] = {}
-        plan = inputs.prompt_logprobs
-        if plan is not None and prompt_lp is not None:
-            offset = 0
-            for req_id, row, start, count in zip(
-                plan.req_ids, plan.batch_rows, plan.starts, plan.counts
-            ):
-                n = int(self.input_batch.num_prompt_logprobs[row])
-                prompt_logprobs[req_id] = prompt_lp.rows(offset, offset + count, n, start)
-                offset += count
         return ModelRunnerOutput(
             req_ids=inputs.req_ids,
             sampled_token_ids=sampled_ids,
             logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=self._split_prompt_logprobs(inputs.prompt_logprobs, prompt_lp),
         )
+
+    def _split_prompt_logprobs(
+        self, plan: PromptLogprobsPlan | None, prompt_lp: HostLogprobs | None
+    ) -> dict[str, Logprobs]:
+        """The step's prompt logprobs (`prompt_lp`, in `plan`'s rows), by request."""
+        out: dict[str, Logprobs] = {}
+        if plan is None or prompt_lp is None:
+            return out
+        offset = 0
+        for req_id, row, start, count in zip(
+            plan.req_ids, plan.batch_rows, plan.starts, plan.counts
+        ):
+            n = int(self.input_batch.num_prompt_logprobs[row])
+            out[req_id] = prompt_lp.rows(offset, offset + count, n, start)
+            offset += count
+        return out

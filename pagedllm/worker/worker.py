@@ -11,11 +11,13 @@ import numpy as np
 import torch
 
 from pagedllm.attention.backend import get_attention_backend
+from pagedllm.attention.fp8_kv import kv_cache_torch_dtype
 from pagedllm.attention.layer import Attention
 from pagedllm.config import EngineConfig
 from pagedllm.engine.kv_cache_spec import KVCacheSpec, block_bytes, uniform_sliding_window
 from pagedllm.engine.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.utils import cdiv
+from pagedllm.worker.draft_model import make_drafter
 from pagedllm.worker.model_runner import InFlightStep, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ class Worker:
         mc = config.model_config
         torch.manual_seed(mc.seed)
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
+        # NOTE: before the load, so a cache dtype this torch or GPU cannot hold fails fast.
+        self.kv_cache_dtype = config.cache_config.kv_cache_dtype(mc.dtype)
+        kv_cache_torch_dtype(self.kv_cache_dtype, self.device)
         self.model = load_model(
             mc,
             str(self.device),
@@ -41,19 +46,25 @@ class Worker:
             config.kernel_config,
             config.parallel_config,
         )
-        self.model_runner = ModelRunner(config, self.model, self.device, self.attn_backend)
+        # Speculative decoding's draft model: its layers' caches share the target's blocks.
+        self.drafter = make_drafter(config, self.device, self.attn_backend)
+        self.model_runner = ModelRunner(
+            config, self.model, self.device, self.attn_backend, self.drafter
+        )
         self.attention_layers = {
             name: module for name, module in self.model.named_modules()
             if isinstance(module, Attention)
         }  # fmt: skip
+        if self.drafter is not None:
+            self.attention_layers.update(self.drafter.attention_layers)
         self.num_blocks = 0
 
     @property
     def kv_cache_specs(self) -> dict[str, KVCacheSpec]:
         """What each attention layer keeps per block, by module name."""
-        cc, mc = self.config.cache_config, self.config.model_config
+        cc = self.config.cache_config
         return {
-            name: layer.kv_cache_spec(cc.block_size, mc.dtype)
+            name: layer.kv_cache_spec(cc.block_size, self.kv_cache_dtype)
             for name, layer in self.attention_layers.items()
         }
 
@@ -124,7 +135,8 @@ class Worker:
             layer = self.attention_layers[name]
             shape = layer.backend.kv_cache_shape(num_blocks, spec)
             # NOTE: zeroed, so padding slots a kernel may touch never hold NaNs.
-            layer.kv_cache = _zeros(shape, TORCH_DTYPES[spec.dtype], self.device)
+            dtype = kv_cache_torch_dtype(spec.dtype, self.device)
+            layer.kv_cache = _zeros(shape, dtype, self.device)
         self.num_blocks = num_blocks
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",

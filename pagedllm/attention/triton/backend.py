@@ -4,7 +4,8 @@ Owns the mapping of `AttentionImpl.forward` onto the kernels of `kernels.py`: on
 launch (none when the attention layer's fused prologue stored K/V: `kv_written`), then a decode
 launch (requests of a few query rows, split over the KV axis when the batch is too small to fill
 the GPU) and/or a varlen launch (prompts and prompt chunks), with the layer's soft cap and sinks
-as constexpr options of the kernels. Runs on CPU tensors too under `TRITON_INTERPRET=1` (tests
+as constexpr options of the kernels, and an FP8 cache (quantized on write, scales folded into
+the reads). Runs on CPU tensors too under `TRITON_INTERPRET=1` (tests
 only: slow).
 """
 
@@ -63,10 +64,15 @@ class TritonAttention(AttentionImpl):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         kv_written: bool = False,
+        *,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_tokens = metadata.num_actual_tokens
         if not kv_written:
-            reshape_and_cache(key, value, kv_cache, metadata.slot_mapping, num_tokens)
+            reshape_and_cache(
+                key, value, kv_cache, metadata.slot_mapping, num_tokens, k_scale, v_scale
+            )
         output = torch.empty_like(query)
         if query.shape[0] > num_tokens:
             # NOTE: rows past num_actual_tokens (batch padding) are neither cached nor attended.
@@ -82,6 +88,8 @@ class TritonAttention(AttentionImpl):
             use_decode_launch=self.use_decode_launch,
             logits_soft_cap=self.logits_soft_cap,
             sinks=self.sinks,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         return output
 

@@ -16,6 +16,11 @@ Owns:
     the requests of more query rows (prompts and prompt chunks).
 - The tile sizes and the split count come from `tiles.py` (host heuristics; re-exported here).
 
+An FP8 cache (constexpr `FP8_KV`) is read as E4M3 tiles cast to the query's dtype (exact), its
+per-tensor scales folded in rather than multiplied into every element: `k_scale` into the score
+scale (q.k = k_scale * q.k_q) and `v_scale` into the accumulator once at the end (the output is
+linear in V; with splits, into each partial).
+
 Two softmax options, constexpr flags (off: the kernel bodies are exactly those without them): `SOFT_CAP` (scores `cap * tanh(s / cap)`, Gemma 2) and `HAS_SINKS` (one value-less logit
 per head in the softmax denominator, gpt-oss). Without splits the sink seeds the running max and
 sum (`m = sink, l = 1`: a key of weight `exp(sink)` and value 0); with splits the partials carry
@@ -48,6 +53,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.fp8_kv import is_fp8
 from pagedllm.attention.triton.cache import _in_head, last_dim_contiguous, reshape_and_cache
 from pagedllm.attention.triton.tiles import (
     TileConfig,
@@ -131,6 +137,7 @@ def _attend_tile(
     USE_WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     """One online-softmax step over KV positions `start : start + BLOCK_N`, read through the
     block table. Without `APPLY_MASK` every position must be `< kv_hi` and visible to every row.
@@ -154,6 +161,8 @@ def _attend_tile(
         k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     else:
         k = tl.load(k_ptrs)
+    if FP8_KV:
+        k = k.to(q.dtype)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     if SOFT_CAP:
         s = _tanh(s) * cap_scale
@@ -173,6 +182,8 @@ def _attend_tile(
         v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
         v = tl.load(v_ptrs)
+    if FP8_KV:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -192,6 +203,8 @@ def _paged_attention_kernel(
     part_m_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
     part_l_ptr,  # fp32 [T, H, num_splits] (SPLIT only)
     sinks_ptr,  # [H] (HAS_SINKS only)
+    k_scale_ptr,  # fp32 [] (FP8_KV only)
+    v_scale_ptr,  # fp32 [] (FP8_KV only)
     num_reqs,
     min_query_len,
     num_heads,
@@ -221,6 +234,7 @@ def _paged_attention_kernel(
     SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     # NOTE: grid (KV head, request or q block, split): the KV heads of one q block run side by
     # side, and varlen q blocks go last to first, so the longest (causal) ones start first.
@@ -280,27 +294,31 @@ def _paged_attention_kernel(
         # The sink as a key of logit `sink` and value 0 (the reduction adds it with splits).
         m_i = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E_K
         l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    if FP8_KV:
+        qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
     bt_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
     kv_off = kv_head * stride_ch
     for start in range(tile_lo, tl.minimum(full_lo, tile_hi), BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
             window, qk_scale, cap_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N,
-            BLOCK_SIZE, True, USE_WINDOW, SOFT_CAP, DOT_PRECISION,
+            BLOCK_SIZE, True, USE_WINDOW, SOFT_CAP, DOT_PRECISION, FP8_KV,
         )  # fmt: skip
     for start in range(tl.maximum(tile_lo, full_lo), tl.minimum(full_hi, tile_hi), BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
             window, qk_scale, cap_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N,
-            BLOCK_SIZE, False, USE_WINDOW, SOFT_CAP, DOT_PRECISION,
+            BLOCK_SIZE, False, USE_WINDOW, SOFT_CAP, DOT_PRECISION, FP8_KV,
         )  # fmt: skip
     for start in range(tl.maximum(tile_lo, full_hi), tile_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_ptr, kv_off, start, kv_hi, q_pos,
             window, qk_scale, cap_scale, stride_cb, stride_cs, HEAD_DIM, HEAD_DIM_P, BLOCK_N,
-            BLOCK_SIZE, True, USE_WINDOW, SOFT_CAP, DOT_PRECISION,
+            BLOCK_SIZE, True, USE_WINDOW, SOFT_CAP, DOT_PRECISION, FP8_KV,
         )  # fmt: skip
 
+    if FP8_KV:
+        acc = acc * tl.load(v_scale_ptr).to(tl.float32)
     if SPLIT:
         part = (rows * num_heads + head) * num_splits + tl.program_id(2)
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
@@ -377,12 +395,15 @@ def paged_attention(
     varlen_tiles: TileConfig | None = None,
     logits_soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,  # [H]
+    k_scale: torch.Tensor | None = None,  # fp32 [] (an FP8 cache; None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Attention of the batch's first `num_actual_tokens` query rows over the paged cache.
 
     `num_splits`: KV splits of a pure-decode batch (None: `choose_num_splits`; 1: off).
     `use_decode_launch=False` sends every request through the varlen launch (tests).
-    `logits_soft_cap` and `sinks`: the softmax options of `AttentionImpl`.
+    `logits_soft_cap` and `sinks`: the softmax options of `AttentionImpl`; `k_scale` /
+    `v_scale`: an FP8 cache's scales.
     """
     num_tokens, num_reqs = metadata.num_actual_tokens, metadata.num_reqs
     if num_tokens == 0 or num_reqs == 0:
@@ -397,8 +418,12 @@ def paged_attention(
     dec_q = dec.block_m // group if use_decode_launch else 0
     if sinks is not None:
         assert sinks.shape == (num_heads,) and sinks.stride(0) == 1
+    scales = None
+    if is_fp8(kv_cache.dtype):
+        one = torch.ones((), dtype=torch.float32, device=kv_cache.device)
+        scales = (one if k_scale is None else k_scale, one if v_scale is None else v_scale)
     common = _LaunchArgs(
-        query, kv_cache, metadata, output, scale, sliding_window, logits_soft_cap, sinks
+        query, kv_cache, metadata, output, scale, sliding_window, logits_soft_cap, sinks, scales
     )
     if metadata.max_query_len <= dec_q:
         max_kv_len = metadata.max_seq_len
@@ -427,6 +452,7 @@ class _LaunchArgs:
     sliding_window: int | None
     logits_soft_cap: float | None
     sinks: torch.Tensor | None
+    scales: tuple[torch.Tensor, torch.Tensor] | None  # (k_scale, v_scale) of an FP8 cache
 
 
 def _launch(
@@ -453,6 +479,7 @@ def _launch(
     else:
         part_acc = part_m = part_l = output  # unused
     sinks = output if a.sinks is None else a.sinks  # unused without HAS_SINKS
+    k_scale, v_scale = (output, output) if a.scales is None else a.scales  # unused without FP8
     cap = a.logits_soft_cap
     # NOTE: exp2 domain; with a cap the kernel computes tanh(q.k * scale / cap) * cap * log2(e).
     qk_scale = a.scale * _LOG2E if cap is None else a.scale / cap
@@ -470,6 +497,8 @@ def _launch(
         part_m,
         part_l,
         sinks,
+        k_scale,
+        v_scale,
         md.num_reqs,
         min_query_len,
         num_heads,
@@ -499,6 +528,7 @@ def _launch(
         SOFT_CAP=cap is not None,
         HAS_SINKS=a.sinks is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        FP8_KV=a.scales is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

@@ -21,7 +21,15 @@ gate clamped to at most `swiglu_limit`, up to `[-limit, limit]`,
 (`select_experts_topk_softmax`, gpt-oss); `route` applies it.
 
 `forward(hidden [T, H], router_logits [T, E]) -> [T, H]`: route, then each expert's gated MLP
-over its tokens, weighted and summed per token. The torch reference (`forward_torch`) groups the
+over its tokens, weighted and summed per token.
+
+Tensor parallelism: each rank holds `intermediate_size / tp` of every expert (the gate, up and
+down projections split as column- and row-parallel linears split them), or with expert
+parallelism (`--enable-expert-parallel`) `E / tp` whole experts (`local_experts`); either way a
+rank's output is a partial sum, all-reduced over the TP group at the end (`reduce_results`). A
+w2 bias is added by TP rank 0 only. EP on the kernel path sends the tokens of other ranks'
+experts to local expert 0 with weight 0 (exact, but it computes them: a dispatch that skips
+them is a kernel change left for later). The torch reference (`forward_torch`) groups the
 tokens by expert (one pair of GEMMs per expert that has tokens): exact fp32 math, the CPU path.
 """
 
@@ -31,6 +39,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagedllm.distributed import (
+    expert_parallel_enabled,
+    get_tp_rank,
+    get_tp_size,
+    tensor_model_parallel_all_reduce,
+)
 from pagedllm.layers.fused_moe.router import select_experts, select_experts_topk_softmax
 
 ACTIVATIONS = ("silu", "swigluoai")
@@ -71,6 +85,7 @@ class FusedMoE(nn.Module):
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
         routing: str = "softmax_topk",
+        reduce_results: bool = True,
     ) -> None:
         """`renormalize` applies to "softmax_topk" routing only (a softmax over the chosen k
         sums to 1 already); `swiglu_alpha` / `swiglu_limit` to "swigluoai" only."""
@@ -80,15 +95,35 @@ class FusedMoE(nn.Module):
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         dtype = params_dtype or torch.get_default_dtype()
-        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        tp_size, tp_rank = get_tp_size(), get_tp_rank()
+        self.tp_size, self.tp_rank, self.reduce_results = tp_size, tp_rank, reduce_results
+        self.expert_parallel = expert_parallel_enabled()
+        if self.expert_parallel:
+            if num_experts % tp_size:
+                raise ValueError(
+                    f"{prefix}: {num_experts} experts do not split over {tp_size} "
+                    f"expert-parallel ranks"
+                )
+            local, self.expert_start = num_experts // tp_size, tp_rank * (num_experts // tp_size)
+        else:
+            if intermediate_size % tp_size:
+                raise ValueError(
+                    f"{prefix}: intermediate size {intermediate_size} does not split over "
+                    f"{tp_size} tensor-parallel ranks"
+                )
+            local, self.expert_start = num_experts, 0
+            intermediate_size //= tp_size
+        # NOTE: num_experts stays the router's (global) count; the parameters hold `local_experts`.
+        self.num_experts, self.local_experts = num_experts, local
+        self.top_k, self.renormalize = top_k, renormalize
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.activation, self.routing = activation, routing
         self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.prefix = prefix
-        self.w13_weight = _param(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype)
-        self.w2_weight = _param(num_experts, hidden_size, intermediate_size, dtype=dtype)
-        self.w13_bias = _param(num_experts, 2 * intermediate_size, dtype=dtype) if bias else None
-        self.w2_bias = _param(num_experts, hidden_size, dtype=dtype) if bias else None
+        self.w13_weight = _param(local, 2 * intermediate_size, hidden_size, dtype=dtype)
+        self.w2_weight = _param(local, hidden_size, intermediate_size, dtype=dtype)
+        self.w13_bias = _param(local, 2 * intermediate_size, dtype=dtype) if bias else None
+        self.w2_bias = _param(local, hidden_size, dtype=dtype) if bias else None
         for param in (self.w13_weight, self.w2_weight, self.w13_bias, self.w2_bias):
             if param is not None:
                 param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
@@ -111,7 +146,10 @@ class FusedMoE(nn.Module):
         `transposed`: a weight stored `[..., in, out]` (`x @ W`, gpt-oss's packed experts:
         `gate_up_proj [E, H, 2 I]`, `down_proj [E, I, H]`), not Linear's `[..., out, in]`; no
         effect on a bias. `interleaved`: a whole w13 weight or bias whose gate and up rows
-        alternate (gate even, up odd: gpt-oss), reordered into the `[gate; up]` halves."""
+        alternate (gate even, up odd: gpt-oss), reordered into the `[gate; up]` halves.
+
+        Under tensor parallelism each tensor is narrowed to this rank's part (its experts with
+        EP, else its slice of the intermediate dimension); another rank's expert is skipped."""
         inter = self.intermediate_size
         if shard_id not in (None, "w1", "w2", "w3"):
             raise ValueError(f"shard_id must be 'w1', 'w2' or 'w3', got {shard_id!r}")
@@ -128,6 +166,11 @@ class FusedMoE(nn.Module):
             size = loaded_weight.shape[gate_up_dim]
             order = torch.cat([torch.arange(0, size, 2), torch.arange(1, size, 2)])
             loaded_weight = loaded_weight.index_select(gate_up_dim, order.to(loaded_weight.device))
+        if expert_id is not None and self.expert_parallel:
+            expert_id -= self.expert_start
+            if not 0 <= expert_id < self.local_experts:
+                return  # another rank's expert
+        loaded_weight = self._shard(loaded_weight, is_w13, is_bias, shard_id, expert_id is None)
         target = param.data if expert_id is None else param.data[expert_id]
         if is_w13 and shard_id in ("w1", "w3"):
             start = 0 if shard_id == "w1" else inter
@@ -139,6 +182,26 @@ class FusedMoE(nn.Module):
                 f"{tuple(target.shape)}, checkpoint {tuple(loaded_weight.shape)}"
             )
         target.copy_(loaded_weight.to(device=target.device, dtype=target.dtype))
+
+    def _shard(
+        self, w: torch.Tensor, is_w13: bool, is_bias: bool, shard_id: str | None, packed: bool
+    ) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (in the parameter's orientation)."""
+        if self.tp_size == 1:
+            return w
+        if self.expert_parallel:
+            return w.narrow(0, self.expert_start, self.local_experts) if packed else w
+        inter, rank = self.intermediate_size, self.tp_rank
+        if not is_w13:  # w2 [.., H, I]: its input columns; the bias once, on rank 0
+            if is_bias:
+                return w if rank == 0 else torch.zeros_like(w)
+            return w.narrow(-1, rank * inter, inter)
+        dim = -1 if is_bias else -2
+        if shard_id in ("w1", "w3"):  # one half: this rank's rows of it
+            return w.narrow(dim, rank * inter, inter)
+        full = w.shape[dim] // 2  # both halves: this rank's rows of each
+        halves = (w.narrow(dim, h * full + rank * inter, inter) for h in (0, 1))
+        return torch.cat(tuple(halves), dim=dim)
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`router_logits [T, E]` → (weights fp32 [T, top_k], expert ids [T, top_k])."""
@@ -158,12 +221,22 @@ class FusedMoE(nn.Module):
         from pagedllm.layers import fused  # NOTE: no Triton import; the kernels' is below
 
         weights, ids = self.route(router_logits)
+        if self.expert_parallel:  # local expert ids; other ranks' slots weigh nothing
+            ids = ids - self.expert_start
+            remote = (ids < 0) | (ids >= self.local_experts)
+            weights = weights.masked_fill(remote, 0.0)
+            ids = ids.masked_fill(remote, 0)
+        out: torch.Tensor | None = None
         if fused.enabled(hidden_states) if use_kernel is None else use_kernel:
             from pagedllm.layers.fused_moe import kernels
 
             if kernels.supports(self):
-                return kernels.forward_layer(self, hidden_states, weights, ids)
-        return self.forward_torch(hidden_states, weights, ids)
+                out = kernels.forward_layer(self, hidden_states, weights, ids)
+        if out is None:
+            out = self.forward_torch(hidden_states, weights, ids)
+        if self.reduce_results and self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
 
     def forward_torch(
         self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
@@ -174,7 +247,7 @@ class FusedMoE(nn.Module):
         out = torch.zeros(num_tokens, self.hidden_size, dtype=torch.float32, device=ids.device)
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.local_experts).tolist()
         token_of = order // self.top_k  # the token of each routed slot, by expert
         slot_weights = weights.reshape(-1)[order]
         start = 0

@@ -6,8 +6,9 @@ Per linear, with `groups = input / group_size`:
   `8 * c + AWQ_ORDER[j]` (the order AWQ's GEMM kernel unpacks fastest);
 - `scales` fp16 `[groups, output]`.
 
-`W[o, i] = (q[i, o] - zero[i // group_size, o]) * scale[i // group_size, o]`, dequantized once
-after loading (`packed.PackedLinearMethod`, which also says why). The zeros are stored as they
+`W[o, i] = (q[i, o] - zero[i // group_size, o]) * scale[i // group_size, o]`: on CUDA the W4A16
+kernel, its weights repacked along the input after loading; elsewhere dequantized once after
+loading (`packed.PackedLinearMethod`). The zeros are stored as they
 are (no "minus one" as in GPTQ v1). With `zero_point: false` there is no `qzeros`; the zero is
 then 8, the midpoint of the unsigned 4-bit range (the symmetric convention of other readers).
 """
@@ -22,12 +23,16 @@ from torch import nn
 
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from pagedllm.layers.quantization.packed import (
+    CHANNEL_GROUP,
+    IntWeights,
     PackedLayout,
     PackedLinearMethod,
     add_packed_param,
     config_value,
     dequantize,
+    dummy_scale,
     is_layer_skipped,
+    pack_int_weights,
     unpack_int32,
 )
 
@@ -70,6 +75,11 @@ class AWQConfig(QuantizationConfig):
             modules_to_not_convert=config_value(config, "modules_to_not_convert", default=None)
             or (),
         )
+
+    def weight_bytes_per_param(self, dtype_size: int) -> float:
+        # NOTE: the W4A16 kernel's float32 scales and 1-byte zeros, per group.
+        group = self.group_size if self.group_size > 0 else 1 << 30
+        return self.bits / 8 + 5.0 / group
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         if is_layer_skipped(prefix, self.modules_to_not_convert):
@@ -126,7 +136,22 @@ class AWQLinearMethod(PackedLinearMethod):
                 layer, "qzeros", (groups, out // PACK), torch.int32, group_layout(PACK)
             )
         # NOTE: float32, whatever the model dtype: fp16 and bf16 scales are held exactly.
-        add_packed_param(layer, "scales", (groups, out), torch.float32, group_layout(1))
+        add_packed_param(
+            layer,
+            "scales",
+            (groups, out),
+            torch.float32,
+            group_layout(1),
+            dummy_init=dummy_scale(1 << (BITS - 1)),
+        )
+
+    def int_weights(self, layer: Any) -> IntWeights | None:
+        q = unpack_int32(layer.qweight, BITS, dim=1, order=AWQ_ORDER)
+        zeros = None
+        if self.config.zero_point:
+            zeros = unpack_int32(layer.qzeros, BITS, dim=1, order=AWQ_ORDER)
+        gs = CHANNEL_GROUP if self.config.group_size == -1 else self.config.group_size
+        return pack_int_weights(q, layer.scales, zeros, BITS, gs)
 
     def dequantized(self, layer: Any) -> torch.Tensor:
         q = unpack_int32(layer.qweight, BITS, dim=1, order=AWQ_ORDER)

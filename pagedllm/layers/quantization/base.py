@@ -102,6 +102,11 @@ class QuantizationConfig(ABC):
             "quantize an unquantized checkpoint at load"
         )
 
+    def weight_bytes_per_param(self, dtype_size: int) -> float:
+        """Bytes a quantized linear's weight takes per parameter as its kernel reads it (scales
+        and zeros included), for the benchmarks' memory bounds; `dtype_size`: the model dtype's."""
+        return float(dtype_size)
+
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """The method of `layer`, whose dotted name is `prefix` (e.g.

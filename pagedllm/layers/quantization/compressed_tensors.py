@@ -10,7 +10,8 @@ Schemes read, per linear:
   feature `j` of a word at bits `j * bits`, stored as `q + 2 ** (bits - 1)`), `weight_scale
   [output, groups]` (channel: `[output, 1]`), `weight_shape`, and when asymmetric
   `weight_zero_point` packed the same way along the output `[output * bits / 32, groups]`;
-  `W = (q - zero) * scale` of each group, dequantized once (as `gptq`/`awq`, see `packed`);
+  `W = (q - zero) * scale` of each group: the W4A16 kernel on CUDA (repacked along the input),
+  else dequantized once (as `gptq`/`awq`, see `packed`);
 - W8A16 FP8, "float-quantized": `weight` e4m3 and `weight_scale` per tensor or per channel;
 - W8A8 FP8 ("float-quantized") and W8A8 int8 ("int-quantized"/"naive-quantized", int8 `weight`):
   the same weights plus activations quantized per token (dynamic) or by the static per-tensor
@@ -35,13 +36,19 @@ from pagedllm.layers.quantization.fp8 import (
     ActQuantLinearMethod,
     ActScheme,
     add_part_scalar,
+    dummy_input_scale,
     per_part_columns,
+    weight_scale_dummy,
 )
 from pagedllm.layers.quantization.packed import (
+    CHANNEL_GROUP,
     FUSED_LAYER_NAMES,
+    IntWeights,
     PackedLayout,
     PackedLinearMethod,
     add_packed_param,
+    dummy_scale,
+    pack_int_weights,
     unpack_int32,
 )
 
@@ -122,8 +129,8 @@ class CompressedTensorsConfig(QuantizationConfig):
             raise ValueError("compressed-tensors sparsity is not supported")
         if config.get("transform_config"):
             raise ValueError("compressed-tensors transforms are not supported")
-        if config.get("kv_cache_scheme"):
-            raise ValueError("compressed-tensors kv_cache_scheme is not supported")
+        # NOTE: a `kv_cache_scheme` is the attention layers' (k_scale / v_scale, checked by
+        # attention/kv_scale_names.check_kv_cache_scheme), not the linear layers'.
         default_format = config.get("format") or "dense"
         schemes = []
         for name, group in (config.get("config_groups") or {}).items():
@@ -158,6 +165,14 @@ class CompressedTensorsConfig(QuantizationConfig):
                 "are not quantized alike"
             )
         return found[0]
+
+    def weight_bytes_per_param(self, dtype_size: int) -> float:
+        if not self.schemes:
+            return float(dtype_size)
+        w = self.schemes[0].weights
+        scales = 4.0 / int(w.group_size or 1) if w.strategy == "group" else 0.0
+        zeros = scales / 4 if w.strategy == "group" and not w.symmetric else 0.0
+        return w.num_bits / 8 + scales + zeros
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         scheme = self.scheme_of(prefix)
@@ -215,19 +230,25 @@ def _method(s: Scheme) -> LinearMethodBase:
 
 
 def _add_weight_scale(layer: nn.Module, w: QuantArgs) -> None:
+    dummy = weight_scale_dummy(FP8_DTYPE if w.type == "float" else torch.int8)
     if w.strategy == "tensor":
-        add_part_scalar(layer, "weight_scale")
+        add_part_scalar(layer, "weight_scale", dummy)
     else:  # channel
         out = sum(layer.output_partition_sizes)  # type: ignore[arg-type]
-        add_packed_param(layer, "weight_scale", (out, 1), torch.float32, PackedLayout(None, 0))
+        add_packed_param(
+            layer, "weight_scale", (out, 1), torch.float32, PackedLayout(None, 0), dummy
+        )
+
+
+def _scale_columns(layer: Any, w: QuantArgs) -> torch.Tensor:
+    """The float32 `weight_scale` of each output row, `[output, 1]` (per tensor or channel)."""
+    scale = layer.weight_scale.float()
+    return per_part_columns(layer, scale) if w.strategy == "tensor" else scale
 
 
 def _scaled_weight(layer: Any, w: QuantArgs) -> torch.Tensor:
     """`weight * weight_scale` in float32 (an e4m3 or int8 weight, per tensor or channel)."""
-    scale = layer.weight_scale.float()
-    if w.strategy == "tensor":
-        scale = per_part_columns(layer, scale)
-    return layer.weight.float() * scale
+    return layer.weight.float() * _scale_columns(layer, w)
 
 
 def _create_8bit(layer: nn.Module, w: QuantArgs, input_size_per_partition: int) -> None:
@@ -283,7 +304,12 @@ class CTW8A8LinearMethod(ActQuantLinearMethod):
     ) -> None:
         _create_8bit(layer, self.w, input_size_per_partition)
         if self.act[0] == "static":
-            add_part_scalar(layer, "input_scale")
+            add_part_scalar(layer, "input_scale", dummy_input_scale)
+
+    def fp8_weight(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.w.type != "float":
+            return None
+        return layer.weight, _scale_columns(layer, self.w).reshape(-1)
 
     def dequantized(self, layer: Any) -> torch.Tensor:
         return _scaled_weight(layer, self.w)
@@ -347,6 +373,7 @@ class CTPackedLinearMethod(PackedLinearMethod):
             (out, groups),
             torch.float32,
             PackedLayout(1 if group_split else None, 0, unit),
+            dummy_init=dummy_scale(1 << (w.num_bits - 1)),
         )
         if not w.symmetric:
             add_packed_param(
@@ -358,7 +385,19 @@ class CTPackedLinearMethod(PackedLinearMethod):
             )
         shape = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
         shape.weight_loader = lambda p, t, s=None: _load_weight_shape(layer, p, t, s)  # type: ignore[attr-defined]
+        shape.dummy_init = lambda data, gen, mag: data.copy_(  # type: ignore[attr-defined]
+            torch.tensor([output_size, input_size])
+        )
         layer.register_parameter("weight_shape", shape)
+
+    def int_weights(self, layer: Any) -> IntWeights | None:
+        bits = self.w.num_bits
+        q = unpack_int32(layer.weight_packed, bits, dim=1).t()
+        zeros = None
+        if not self.w.symmetric:
+            zeros = unpack_int32(layer.weight_zero_point, bits, dim=0).t()
+        gs = int(self.w.group_size or 0) if self.w.strategy == "group" else CHANNEL_GROUP
+        return pack_int_weights(q, layer.weight_scale.t(), zeros, bits, gs)
 
     def dequantized(self, layer: Any) -> torch.Tensor:
         bits = self.w.num_bits

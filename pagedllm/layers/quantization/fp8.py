@@ -13,12 +13,20 @@ At load (`Fp8Config.for_unquantized_checkpoint`): the float weight is loaded as 
 quantized to e4m3 with one scale per tensor (`amax / 448`, or per output channel with
 `weight_strategy="channel"`); activations per token.
 
-The product, on every device: the weight is dequantized once after loading to float32 (exact: an
-e4m3 or int8 value times a float32 scale); each call quantizes the activation as the method
-says (e4m3 with saturation, or int8 round-to-nearest-even, each with its scale), dequantizes it and
-multiplies in float32, so the result is what an FP8/int8 GEMM with float32 accumulation and
-scaled epilogue gives, up to the summation order. NOTE: no FP8/int8 kernel yet: on CUDA the same
-torch code runs (memory of a float32 weight, no speedup).
+The product on CUDA (`kernels.use_kernels`), FP8 only: the e4m3 weight stays as it is; each call
+quantizes the activation with the Triton kernels of `kernels.fp8_quant` (per token, with the
+static scale, or per 1 x bk group; fused with the MLP's SiLU-and-mul in `apply_silu_mul`), then
+multiplies with `torch._scaled_mm` (per-tensor / per-channel weight scales, `kernels.fp8_gemm.
+scaled_mm`) or the Triton block-scaled GEMM (`block_scaled_mm`). What they do not take stays on
+the torch path below: int8 W8A8, fused parts with different static input scales, K or N not a
+multiple of 16 (cuBLASLt), a K block that is not a power of two.
+
+The torch path (the CPU, and the kernels' oracle): the weight is dequantized once after loading
+to float32 (exact: an e4m3 or int8 value times a float32 scale); each call quantizes the
+activation as the method says (e4m3 with saturation, or int8 round-to-nearest-even, each with its
+scale), dequantizes it and multiplies in float32, so the result is what an FP8/int8 GEMM with
+float32 accumulation and scaled epilogue gives, up to the summation order (the kernels' only
+difference: their sums, and the output rounded before the bias is added).
 """
 
 from __future__ import annotations
@@ -33,12 +41,15 @@ from torch.nn import functional as F
 
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from pagedllm.layers.quantization.packed import (
+    DummyInit,
     PackedLayout,
     PackedLinearMethod,
     _output_parts,
     _part_index,
     add_packed_param,
     config_value,
+    drop_params,
+    dummy_scale,
     is_layer_skipped,
 )
 
@@ -103,11 +114,24 @@ def load_part_scalar(
     param.data[_part_index(layer, shard_id)] = loaded.reshape(())
 
 
-def add_part_scalar(layer: nn.Module, name: str) -> None:
-    """Registers `name`: one float32 per-tensor scale per fused part (`load_part_scalar`)."""
+def dummy_input_scale(data: torch.Tensor, gen: torch.Generator, magnitude: float) -> None:
+    """A static activation scale for dummy weights: 1/64 (normalized activations of a few units
+    quantize without saturating e4m3)."""
+    data.fill_(1.0 / 64)
+
+
+def weight_scale_dummy(dtype: torch.dtype) -> DummyInit:
+    """The dummy init of the scale of an e4m3 or int8 weight (`packed.dummy_scale`)."""
+    return dummy_scale(FP8_MAX if dtype == FP8_DTYPE else INT8_MAX)
+
+
+def add_part_scalar(layer: nn.Module, name: str, dummy_init: DummyInit) -> None:
+    """Registers `name`: one float32 per-tensor scale per fused part (`load_part_scalar`),
+    filled by `dummy_init` for dummy weights."""
     parts = len(_output_parts(layer))
     param = nn.Parameter(torch.zeros(parts, dtype=torch.float32), requires_grad=False)
     param.weight_loader = partial(load_part_scalar, layer)  # type: ignore[attr-defined]
+    param.dummy_init = dummy_init  # type: ignore[attr-defined]
     layer.register_parameter(name, param)
 
 
@@ -131,7 +155,48 @@ class ActQuantLinearMethod(PackedLinearMethod):
         super().__init__()
         self.act = act
 
+    def fp8_weight(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's e4m3 `[output, input]` weight and its float32 scale (one element, or one
+        per output `[output]`) for `scaled_mm`; None: the method has none (int8)."""
+        return None
+
+    def _to_kernel_layout(self, layer: nn.Module) -> str | None:
+        """Keeps the FP8 weight for the kernels (see the module doc): "scaled_mm", or None."""
+        if self.act[0] == "group" or (self.act[0] != "static" and self.act[1] != "fp8"):
+            return None
+        if self.act[0] == "static":
+            scales: torch.Tensor = layer.input_scale  # type: ignore[assignment]
+            if self.act[1] != "fp8" or not bool((scales == scales[0]).all()):
+                return None
+            if bool((scales <= 0).any()):
+                raise ValueError(f"{layer.prefix!r}: input_scale must be positive")
+        from pagedllm.layers.quantization.kernels.fp8_gemm import scaled_mm_supported
+
+        if not scaled_mm_supported(layer.output_size_per_partition, layer.input_size_per_partition):
+            return None
+        found = self.fp8_weight(layer)
+        if found is None:
+            return None
+        weight, scale = found
+        scale = scale.float().reshape(-1)
+        if scale.numel() > 1 and bool((scale == scale[0]).all()):
+            scale = scale[:1]  # NOTE: one scale for all: the tensor-wise cuBLASLt product
+        input_scale = layer.input_scale[:1].clone() if self.act[0] == "static" else None
+        drop_params(layer, (*self.PACKED_PARAMS, "input_scale"))
+        layer.register_parameter("weight", nn.Parameter(weight.contiguous(), requires_grad=False))
+        layer.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())
+        if input_scale is not None:
+            layer.register_buffer("input_scale", input_scale.float())
+        return "scaled_mm"
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        from pagedllm.layers.quantization import kernels
+
+        layer.quant_kernel = None  # NOTE: read by `apply` from the layer's __dict__
+        if kernels.use_kernels(layer.weight.device):
+            layer.quant_kernel = self._to_kernel_layout(layer)
+            if layer.quant_kernel is not None:
+                return
         weight = self.dequantized(layer).float()
         # NOTE: a copy: `.float()` of a float32 parameter would be the parameter itself.
         scales = layer.input_scale.detach().float().clone() if self.act[0] == "static" else None
@@ -153,9 +218,29 @@ class ActQuantLinearMethod(PackedLinearMethod):
         assert scale is not None
         return fake_quant_static(x, scale, arg)
 
+    def _apply_kernel(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool
+    ) -> torch.Tensor:
+        from pagedllm.layers.quantization.kernels import fp8_gemm, fp8_quant
+
+        n: int = layer.output_size_per_partition  # type: ignore[assignment]
+        weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+        w_scale: torch.Tensor = layer.weight_scale  # type: ignore[assignment]
+        if layer.__dict__["quant_kernel"] == "block":
+            bk = self.act[1]
+            q, scale = fp8_quant.quant_per_group(x, bk, silu_mul=silu_mul)
+            y = fp8_gemm.block_scaled_mm(q, scale, weight, w_scale, self.block, x.dtype, bias)  # type: ignore[attr-defined]
+        else:
+            static = layer.input_scale if self.act[0] == "static" else None
+            q, scale = fp8_quant.quant_per_token(x, static, silu_mul=silu_mul)  # type: ignore[arg-type]
+            y = fp8_gemm.scaled_mm(q, scale, weight, w_scale, x.dtype, bias)
+        return y.view(*x.shape[:-1], n)
+
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if layer.__dict__.get("quant_kernel") is not None:
+            return self._apply_kernel(layer, x, bias, silu_mul=False)
         weight: torch.Tensor = layer.weight  # type: ignore[assignment]
         x32 = x.float()
         if self.act[0] == "static":
@@ -182,7 +267,10 @@ class ActQuantLinearMethod(PackedLinearMethod):
     def apply_silu_mul(
         self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # NOTE: never the unquantized GEMV: the activation must be quantized first.
+        # NOTE: never the unquantized GEMV: the activation must be quantized first (by the
+        # kernel that also computes the SiLU-and-mul, on the kernel path).
+        if layer.__dict__.get("quant_kernel") is not None:
+            return self._apply_kernel(layer, gate_up, bias, silu_mul=True)
         return LinearMethodBase.apply_silu_mul(self, layer, gate_up, bias)
 
 
@@ -244,6 +332,11 @@ class Fp8Config(QuantizationConfig):
     def for_unquantized_checkpoint(cls, hf_config: Any) -> Fp8Config:
         return cls(is_checkpoint_fp8_serialized=False)
 
+    def weight_bytes_per_param(self, dtype_size: int) -> float:
+        if self.weight_block_size is None:
+            return 1.0
+        return 1.0 + 4.0 / (self.weight_block_size[0] * self.weight_block_size[1])
+
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         if is_layer_skipped(prefix, self.modules_to_not_convert):
             return None
@@ -298,7 +391,20 @@ class Fp8BlockLinearMethod(ActQuantLinearMethod):
             (-(-out // bn), -(-k // bk)),
             torch.float32,
             PackedLayout(1, 0, input_unit=bk, output_unit=bn),
+            dummy_init=weight_scale_dummy(FP8_DTYPE),
         )
+
+    def _to_kernel_layout(self, layer: nn.Module) -> str | None:
+        """The e4m3 weight and its block scales (`weight_scale`) for `block_scaled_mm`."""
+        bk = self.block[1]
+        if bk < 16 or bk & (bk - 1):
+            return None
+        scale = layer.weight_scale_inv.float().contiguous()
+        weight = layer.weight.contiguous()
+        drop_params(layer, self.PACKED_PARAMS)
+        layer.register_parameter("weight", nn.Parameter(weight, requires_grad=False))
+        layer.register_buffer("weight_scale", scale)
+        return "block"
 
     def dequantized(self, layer: Any) -> torch.Tensor:
         bn, bk = self.block
@@ -325,9 +431,12 @@ class Fp8TensorLinearMethod(ActQuantLinearMethod):
     ) -> None:
         out, k = sum(output_partition_sizes), input_size_per_partition
         add_packed_param(layer, "weight", (out, k), FP8_DTYPE, PackedLayout(1, 0))
-        add_part_scalar(layer, "weight_scale")
+        add_part_scalar(layer, "weight_scale", weight_scale_dummy(FP8_DTYPE))
         if self.act[0] == "static":
-            add_part_scalar(layer, "input_scale")
+            add_part_scalar(layer, "input_scale", dummy_input_scale)
+
+    def fp8_weight(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return layer.weight, per_part_columns(layer, layer.weight_scale.float())
 
     def dequantized(self, layer: Any) -> torch.Tensor:
         return layer.weight.float() * per_part_columns(layer, layer.weight_scale.float())
@@ -354,6 +463,9 @@ class Fp8OnlineLinearMethod(ActQuantLinearMethod):
         super().__init__(("token", "fp8"))
         # NOTE: `create_weights` is the unquantized one: the float weight and its loader.
         self.strategy = strategy
+
+    def fp8_weight(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return quantize_weight_fp8(layer.weight, self.strategy)
 
     def dequantized(self, layer: Any) -> torch.Tensor:
         q, scale = quantize_weight_fp8(layer.weight, self.strategy)

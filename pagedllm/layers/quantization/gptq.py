@@ -11,8 +11,10 @@ Per linear the checkpoint holds, with `pack = 32 // bits` and `groups = ceil(inp
   `i // group_size` and ignored (as other readers do); with `desc_act` (act order: columns were
   quantized in a permuted order) it is read, and each of q/k/v keeps its own.
 
-`W[o, i] = (q[i, o] - zero[g(i), o]) * scale[g(i), o]`, dequantized once after loading
-(`packed.PackedLinearMethod`, which also says why). `sym` needs nothing of its own: a symmetric
+`W[o, i] = (q[i, o] - zero[g(i), o]) * scale[g(i), o]`: on CUDA the W4A16 kernel on the same
+`qweight` (its layout is GPTQ's) with the zeros unpacked; with `desc_act` (groups out of input
+order, which the kernel's one-group K tiles cannot follow) and on the CPU dequantized once after
+loading (`packed.PackedLinearMethod`). `sym` needs nothing of its own: a symmetric
 checkpoint stores its zeros (`2 ** (bits - 1)`) like any other. Tensor parallel: a row-parallel
 layer splits `qweight` and `g_idx` along the input and the groups too, except with `desc_act`
 (groups then do not follow the input order; every rank keeps all of them) or a per-channel scale.
@@ -30,12 +32,16 @@ from torch import nn
 
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from pagedllm.layers.quantization.packed import (
+    CHANNEL_GROUP,
+    IntWeights,
     PackedLayout,
     PackedLinearMethod,
     add_packed_param,
     config_value,
     dequantize,
+    dummy_scale,
     is_layer_skipped,
+    pack_int_weights,
     unpack_int32,
 )
 
@@ -101,6 +107,11 @@ class GPTQConfig(QuantizationConfig):
             or (),
             modules_in_block_to_quantize=in_block,
         )
+
+    def weight_bytes_per_param(self, dtype_size: int) -> float:
+        # NOTE: the W4A16 kernel's float32 scales and 1-byte zeros, per group.
+        group = self.group_size if self.group_size > 0 else 1 << 30
+        return self.bits / 8 + 5.0 / group
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         if is_layer_skipped(prefix, self.modules_to_not_convert, self.modules_in_block_to_quantize):
@@ -168,21 +179,48 @@ class GPTQLinearMethod(PackedLinearMethod):
 
         add_packed_param(layer, "qzeros", (groups, out // pack), torch.int32, group_layout(pack))
         # NOTE: float32, whatever the model dtype: fp16 and bf16 scales are held exactly.
-        add_packed_param(layer, "scales", (groups, out), torch.float32, group_layout(1))
+        add_packed_param(
+            layer,
+            "scales",
+            (groups, out),
+            torch.float32,
+            group_layout(1),
+            dummy_init=dummy_scale(2 ** (cfg.bits - 1)),
+        )
+
+        def dummy_g_idx(data: torch.Tensor, gen: torch.Generator, magnitude: float) -> None:
+            data.copy_(torch.arange(data.shape[1], device=data.device) // group_unit)
+
         add_packed_param(
             layer,
             "g_idx",
             (len(output_partition_sizes), input_size_per_partition),
             torch.int32,
             PackedLayout(input_dim=0, output_dim=None, per_part=True),
+            dummy_init=dummy_g_idx,
         )
+
+    def _zeros(self, layer: Any) -> torch.Tensor:
+        zeros = unpack_int32(layer.qzeros, self.config.bits, dim=1)
+        if self.config.checkpoint_format == "gptq":
+            zeros = zeros + 1  # NOTE: v1 stores zero - 1 (see the module doc)
+        return zeros
+
+    def int_weights(self, layer: Any) -> IntWeights | None:
+        cfg = self.config
+        if cfg.desc_act:
+            return None
+        zeros: torch.Tensor | None = self._zeros(layer)
+        if bool((zeros == 1 << (cfg.bits - 1)).all()):  # type: ignore[operator]
+            zeros = None  # NOTE: symmetric: the kernel's constant zero
+        gs = CHANNEL_GROUP if cfg.group_size == -1 else cfg.group_size
+        q = unpack_int32(layer.qweight, cfg.bits, dim=0)
+        return pack_int_weights(q, layer.scales, zeros, cfg.bits, gs)
 
     def dequantized(self, layer: Any) -> torch.Tensor:
         cfg = self.config
         q = unpack_int32(layer.qweight, cfg.bits, dim=0)
-        zeros = unpack_int32(layer.qzeros, cfg.bits, dim=1)
-        if cfg.checkpoint_format == "gptq":
-            zeros = zeros + 1  # NOTE: v1 stores zero - 1 (see the module doc)
+        zeros = self._zeros(layer)
         parts = layer.output_partition_sizes
         if cfg.desc_act:
             group_index = layer.g_idx

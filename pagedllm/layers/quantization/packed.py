@@ -9,18 +9,26 @@ slice of a checkpoint tensor, for every layer kind of `linear.py` (replicated, c
 parts, q/k/v heads with KV replication, row): the same split the layers' own loaders apply to
 an `[output, input]` weight, in packed units.
 
-`process_weights_after_loading` then dequantizes once: `(q - zero) * scale` of each weight's group,
-in float32 (exact: a small integer times an fp16/bf16 scale fits float32's mantissa), cast to the
-model dtype, as one `[output, input]` `weight`; the packed tensors are dropped. From then on the
-layer is an unquantized linear (`F.linear`, the GEMV for a few rows on CUDA). NOTE: dequantizing
-at load, not per call: the product is then exactly the dequantized math on every device at the
-unquantized speed, with no kernel of our own; the price is the memory of a float weight (the
-saving quantization exists for waits on a dequantizing GEMM kernel that reads the packed tensors).
+`process_weights_after_loading` then, on CUDA (`kernels.use_kernels`), repacks the integer
+weights into the one layout of the W4A16 kernel (`kernels.w4a16.IntWeights`: packed along the
+input, float32 group scales, zeros or none), which dequantizes in registers: the weights stay a
+quarter (or half) of their float size. Elsewhere, or for what the kernel does not take (GPTQ's
+act order, group sizes its K tiles do not divide), it dequantizes once: `(q - zero) * scale` of
+each weight's group, in float32 (exact: a small integer times an fp16/bf16 scale fits float32's
+mantissa), cast to the model dtype, as one `[output, input]` `weight`; the packed tensors are
+dropped, and the layer is an unquantized linear (`F.linear`, the GEMV for a few rows on CUDA).
+That dequantized product is the oracle of the kernel: both round the same weight to the model
+dtype and differ only in the order of the float32 sums.
+
+Dummy weights (`load_format="dummy"`): a parameter may carry `dummy_init(data, generator,
+magnitude)`, which the dummy loader calls to fill it with valid values (positive scales that
+keep the dequantized weight near `magnitude`, group indices in range); integer and FP8
+parameters without one get random bits / random FP8 values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -91,13 +99,34 @@ class PackedLayout:
     per_part: bool = False
 
 
+DummyInit = Callable[[torch.Tensor, torch.Generator, float], None]
+
+
+def dummy_scale(qmax: float) -> DummyInit:
+    """Dummy scales in `[0.5, 1] * magnitude / qmax`: a weight of integers (or FP8 values) up
+    to `qmax` dequantizes to at most about `magnitude`, as the dummy float weights are."""
+
+    def fill(data: torch.Tensor, gen: torch.Generator, magnitude: float) -> None:
+        data.uniform_(0.5 * magnitude / qmax, magnitude / qmax, generator=gen)
+
+    return fill
+
+
 def add_packed_param(
-    layer: nn.Module, name: str, shape: Sequence[int], dtype: torch.dtype, layout: PackedLayout
+    layer: nn.Module,
+    name: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    layout: PackedLayout,
+    dummy_init: DummyInit | None = None,
 ) -> None:
-    """Registers `name` (zeros, inference only) loaded by `load_packed` with `layout`."""
+    """Registers `name` (zeros, inference only) loaded by `load_packed` with `layout`, filled by
+    `dummy_init` for dummy weights (see the module doc)."""
     param = nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
     param.packed_layout = layout  # type: ignore[attr-defined]
     param.weight_loader = partial(load_packed, layer)  # type: ignore[attr-defined]
+    if dummy_init is not None:
+        param.dummy_init = dummy_init  # type: ignore[attr-defined]
     layer.register_parameter(name, param)
 
 
@@ -250,9 +279,65 @@ def dequantize(
     return torch.cat(columns, dim=1).t().contiguous()
 
 
+def drop_params(layer: nn.Module, names: Iterable[str]) -> None:
+    """Removes the parameters `names` of `layer` that it has."""
+    for name in names:
+        if name in layer._parameters:
+            delattr(layer, name)
+
+
+# The group size of one scale per output channel: past any K, so every K tile is in group 0.
+CHANNEL_GROUP = 1 << 30
+
+
+@dataclass(frozen=True)
+class IntWeights:
+    """A layer's weight in the kernel layout (see the module doc); `n`/`k`: its `[N, K]`."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    n: int
+    k: int
+
+
+def pack_int_weights(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> IntWeights:
+    """The kernel layout of unsigned `q [K, N]` (values `< 2 ** bits`), float `scales [groups,
+    N]` and unsigned `zeros [groups, N]` (None: symmetric, `2 ** (bits - 1)`); `group_size`: the
+    features per group (`CHANNEL_GROUP` for one scale per output channel)."""
+    k, n = q.shape
+    pack = 32 // bits
+    if k % pack:
+        raise ValueError(f"the input size {k} is not a multiple of {pack} ({bits}-bit packing)")
+    words = torch.zeros(k // pack, n, dtype=torch.int64, device=q.device)
+    for j in range(pack):  # NOTE: one slice at a time: int64 temporaries of K / pack rows
+        words |= q[j::pack].to(torch.int64) << (j * bits)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # int32's two's complement
+    if zeros is not None:
+        zeros = zeros.to(torch.uint8 if int(zeros.max()) < 256 else torch.int16)
+    return IntWeights(
+        qweight=words.to(torch.int32).contiguous(),
+        scales=scales.float().contiguous(),
+        zeros=None if zeros is None else zeros.contiguous(),
+        bits=bits,
+        group_size=group_size,
+        n=n,
+        k=k,
+    )
+
+
 class PackedLinearMethod(UnquantizedLinearMethod):
-    """The shared tail of the packed methods: `dequantized(layer)` (the method's own) becomes the
-    layer's `weight`, the packed parameters go, and `apply` is the unquantized product."""
+    """The shared tail of the packed methods: on CUDA the W4A16 kernel on `int_weights(layer)`
+    (the method's own repacking), else `dequantized(layer)` becomes the layer's `weight` and
+    `apply` is the unquantized product (see the module doc)."""
 
     PACKED_PARAMS: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -260,13 +345,46 @@ class PackedLinearMethod(UnquantizedLinearMethod):
         """The layer's `[output, input]` float32 weight from its loaded packed tensors."""
         raise NotImplementedError
 
+    def int_weights(self, layer: Any) -> IntWeights | None:
+        """The layer's weight in the W4A16 kernel's layout; None: the kernel does not take it."""
+        return None
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        from pagedllm.layers.quantization import kernels
+
+        device = next(iter(layer.parameters())).device
+        layer.int_weights = None  # NOTE: read by `apply` from the layer's __dict__
+        if kernels.use_kernels(device):
+            from pagedllm.layers.quantization.kernels import w4a16
+
+            packed = self.int_weights(layer)
+            if packed is not None and w4a16.supports(packed):
+                drop_params(layer, self.PACKED_PARAMS)
+                for field in ("qweight", "scales", "zeros"):
+                    layer.register_buffer(f"int_{field}", getattr(packed, field))
+                layer.int_weights = packed
+                return
         dtype: torch.dtype = layer.params_dtype  # type: ignore[assignment]
         weight = self.dequantized(layer).to(dtype)
-        for name in self.PACKED_PARAMS:
-            if name in layer._parameters:
-                delattr(layer, name)
+        drop_params(layer, self.PACKED_PARAMS)
         layer.register_parameter("weight", nn.Parameter(weight, requires_grad=False))
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        packed = layer.__dict__.get("int_weights")
+        if packed is not None:
+            from pagedllm.layers.quantization.kernels import w4a16
+
+            return w4a16.int_gemm(x, packed, bias)
+        return super().apply(layer, x, bias)
+
+    def apply_silu_mul(
+        self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if layer.__dict__.get("int_weights") is not None:
+            return self.apply(layer, self.silu_and_mul(gate_up), bias)
+        return super().apply_silu_mul(layer, gate_up, bias)
 
 
 def config_value(config: Mapping[str, Any], *keys: str, default: Any = None) -> Any:

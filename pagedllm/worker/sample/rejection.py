@@ -1,13 +1,16 @@
-"""The rejection sampler of speculative decoding: verifies deterministic drafts (n-gram) exactly.
+"""The rejection sampler of speculative decoding: verifies drafts exactly.
 
 A request with drafts d_1..d_k has 1 + k logits rows: row j is the target's distribution p_j of
-the token after d_j (row 0: after its last known token). Row j accepts d_{j+1} with probability
-p_j(d_{j+1}) (the draft is one-hot, q = 1: min(1, p / q) = p); at the first rejection the token
-is drawn from the residual max(p_j - q, 0) renormalized, i.e. p_j without d_{j+1}; after k
-acceptances the bonus token is drawn from p_k. Each emitted token is then distributed as the
-target's own sample, so the output keeps the target's distribution. Greedy rows (temperature 0)
-are the one-hot p_j of their argmax: they accept exactly the drafts equal to the argmax and emit
-the argmax at the first mismatch, the output of greedy decoding without speculation.
+the token after d_j (row 0: after its last known token). Each draft d_{j+1} was drawn from a
+draft distribution q_j: row j accepts it with probability min(1, p_j(d_{j+1}) / q_j(d_{j+1}));
+at the first rejection the token is drawn from the residual max(p_j - q_j, 0) renormalized;
+after k acceptances the bonus token is drawn from p_k. Each emitted token is then distributed
+as the target's own sample, so the output keeps the target's distribution (Leviathan et al.,
+Chen et al. 2023). A deterministic draft (n-gram, or a greedy draft model) is the one-hot q = 1
+at d_{j+1}: it is accepted with probability p_j(d_{j+1}), and the residual is p_j without
+d_{j+1}. Greedy rows (temperature 0) are the one-hot p_j of their argmax: they accept exactly
+the drafts equal to the argmax and emit the argmax at the first mismatch, the output of greedy
+decoding without speculation.
 
 p_j is the target after the request's temperature, min_p, top-k and top-p (the processors that
 read per-position state - penalties, bad words, min_tokens, allowed ids, logit bias, grammars -
@@ -111,19 +114,26 @@ def rejection_sample(
     noise: torch.Tensor,
     uniforms: torch.Tensor,
     greedy_rows: torch.Tensor | None,
+    draft_probs: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, list[list[int]]]:
     """The verification of `probs [N, V]` (`target_probs`) against the drafts of `layout`.
     Returns the token each row emits if it is the request's last emitted row (int64 [N] on the
     host: the residual draw of a draft row, the bonus draw of a bonus row) and each request's
     emitted tokens (its accepted drafts, then that row's token). `greedy_rows` (bool [N]):
-    rows drawn without noise (None: none)."""
+    rows drawn without noise (None: none). `draft_probs` (fp32 [sum k, V]): the distribution
+    q each draft was drawn from, one-hot rows for deterministic drafts (None: all are)."""
     dev = probs.device
     draft_rows = torch.from_numpy(layout.draft_rows).to(dev)
     draft_ids = torch.from_numpy(layout.draft_ids).to(dev)
     p_draft = probs[draft_rows, draft_ids]
-    accepted = uniforms < p_draft
-    residual = probs.clone()
-    residual[draft_rows, draft_ids] = 0.0  # NOTE: unnormalized: the race needs no sum
+    residual = probs.clone()  # NOTE: unnormalized: the race needs no sum
+    if draft_probs is None:
+        accepted = uniforms < p_draft
+        residual[draft_rows, draft_ids] = 0.0
+    else:
+        q_draft = draft_probs.gather(1, draft_ids.unsqueeze(1)).squeeze(1)
+        accepted = uniforms * q_draft < p_draft  # u < p / q, without dividing by q
+        residual[draft_rows] = (probs[draft_rows] - draft_probs).clamp_(min=0.0)
     if greedy_rows is not None:
         noise = torch.where(greedy_rows.unsqueeze(1), 1.0, noise)
     emitted_row_ids = argmax_rows(residual.div_(noise))
