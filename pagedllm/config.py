@@ -6,6 +6,7 @@ Dtypes are names ("float32", "bfloat16", "float16"); the worker maps them to tor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -157,14 +158,15 @@ class SchedulerConfig:
             )
 
 
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """How one engine's model is split over ranks (`world_size` = tp × pp processes), and which
-    executor runs them: "uni" (the engine's own process; world size 1 only) or "mp" (one worker
-    process per rank, on this machine); None: "uni" for one rank, "mp" for more or for data
+    executor runs them: "uni" (the engine's own process; world size 1 only), "mp" (one worker
+    process per rank, on this machine) or "ray" (one Ray actor per rank, on a Ray cluster's
+    nodes; the `ray` extra); None: "uni" for one rank, "mp" for more or for data
     parallelism (`data_parallel_size` engine cores, each with its own ranks and devices)."""
 
     tensor_parallel_size: int = 1
@@ -185,6 +187,11 @@ class ParallelConfig:
             raise ValueError(
                 f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                 f"got {backend!r}"
+            )
+        if backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError(
+                "distributed_executor_backend='ray' needs Ray, which is not installed: "
+                "pip install 'pagedllm[ray]'"
             )
         if not 0 <= self.data_parallel_rank < self.data_parallel_size:
             raise ValueError(
@@ -236,7 +243,7 @@ class KernelConfig:
 
 # `SpeculativeConfig.method`: the methods known by name; only SPEC_METHODS_SUPPORTED run today.
 SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
-SPEC_METHODS_SUPPORTED = ("ngram", "draft_model")
+SPEC_METHODS_SUPPORTED = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -246,7 +253,9 @@ class SpeculativeConfig:
     earlier occurrence of its longest suffix n-gram (`prompt_lookup_max` down to
     `prompt_lookup_min` tokens); "draft_model": `model` (a folder, or a packaged shape with
     random weights), a smaller model with the target's vocabulary, proposes them (k forwards of
-    its own, in the worker, with its own paged KV cache). The target verifies them in one step."""
+    its own, in the worker, with its own paged KV cache); "eagle" / "eagle3": `model` is an
+    EAGLE / EAGLE-3 head checkpoint (the published layouts) that reads the target's hidden
+    states (`worker/eagle.py`). The target verifies them in one step."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -273,10 +282,11 @@ class SpeculativeConfig:
                 raise ValueError(
                     f"speculative_config: {name} must be a positive integer, got {value!r}"
                 )
-        if self.method == "draft_model" and not self.model:
+        if self.method in ("draft_model", "eagle", "eagle3") and not self.model:
+            what = "the draft model's" if self.method == "draft_model" else "the head checkpoint's"
             raise ValueError(
-                "speculative_config: method 'draft_model' needs model (the draft model's "
-                "folder, or a packaged shape)"
+                f"speculative_config: method {self.method!r} needs model ({what} folder, or "
+                "a packaged shape)"
             )
         if self.method == "ngram" and self.model is not None:
             raise ValueError("speculative_config: model is not used by method 'ngram'")

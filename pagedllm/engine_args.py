@@ -62,6 +62,26 @@ def _check_tensor_parallel(mc: ModelConfig, tp: int) -> None:
         )
 
 
+def _check_pipeline_parallel(mc: ModelConfig, pp: int, speculative: Any) -> None:
+    """A stage per `pp` holds at least one layer, of an architecture that splits its layers."""
+    if pp == 1:
+        return
+    from pagedllm.models.registry import resolve_model
+
+    _, model_cls = resolve_model([mc.architecture], mc.model_impl)
+    if not getattr(model_cls, "supports_pp", False):
+        raise ValueError(
+            f"pipeline_parallel_size={pp}: {mc.architecture} ({model_cls.__name__}) does not "
+            f"split its layers over pipeline stages yet (the Llama family and its MoE models do)"
+        )
+    if mc.num_layers < pp:
+        raise ValueError(
+            f"pipeline_parallel_size={pp} is larger than the model's {mc.num_layers} layers"
+        )
+    if speculative is not None:
+        raise ValueError("speculative_config with pipeline_parallel_size > 1 is not supported yet")
+
+
 def _help(text: str) -> dict[str, Any]:
     return {"help": text}
 
@@ -171,7 +191,7 @@ class EngineArgs:
         default=1, metadata=_help("ranks (GPUs) each layer is split over")
     )
     pipeline_parallel_size: int = field(
-        default=1, metadata=_help("pipeline stages the layers are split into (not yet: only 1)")
+        default=1, metadata=_help("pipeline stages the layers are split into (a rank set each)")
     )
     data_parallel_size: int = field(
         default=1,
@@ -180,8 +200,9 @@ class EngineArgs:
     distributed_executor_backend: str | None = field(
         default=None,
         metadata=_help(
-            "'uni' (one rank, in the engine's process) or 'mp' (a worker process per rank); "
-            "default: uni for one rank, mp for more"
+            "'uni' (one rank, in the engine's process), 'mp' (a worker process per rank) or "
+            "'ray' (a Ray actor per rank, on a Ray cluster's nodes: pip install "
+            "'pagedllm[ray]'); default: uni for one rank, mp for more"
         ),
     )
     enable_expert_parallel: bool = field(
@@ -237,10 +258,7 @@ class EngineArgs:
             else parse_size(self.kv_cache_memory, "kv_cache_memory")
         )
         _check_tensor_parallel(model_config, self.tensor_parallel_size)
-        if self.pipeline_parallel_size != 1:
-            raise ValueError(
-                "pipeline_parallel_size > 1 is not supported yet (tensor_parallel_size is)"
-            )
+        _check_pipeline_parallel(model_config, self.pipeline_parallel_size, self.speculative_config)
         from pagedllm.attention.kv_scale_names import check_kv_cache_scheme
 
         check_kv_cache_scheme(hf_config, self.kv_cache_dtype)
@@ -282,18 +300,21 @@ class EngineArgs:
         )
 
     def _speculative_config(self, target: ModelConfig, device: str) -> SpeculativeConfig | None:
-        """The speculative config; for a draft model, with the draft's `ModelConfig` (the
-        target's dtype and max_model_len; its vocabulary must be the target's)."""
+        """The speculative config; for a draft model or an EAGLE head, with its `ModelConfig`
+        (the target's dtype and max_model_len; its vocabulary must be the target's, and an
+        EAGLE head's hidden size too)."""
         if self.speculative_config is None:
             return None
         spec = SpeculativeConfig.from_dict(self.speculative_config)
-        if spec.method != "draft_model":
+        if spec.method not in ("draft_model", "eagle", "eagle3"):
             return spec
         assert spec.model is not None
         try:
             dummy = self.load_format == "dummy" or not os.path.exists(spec.model)
             path, load_format = _resolve_model(spec.model, "dummy" if dummy else "auto")
             hf_config = get_hf_config(path)
+            if spec.method != "draft_model":
+                _check_eagle_head(spec.method, hf_config, target)
             draft_args = dataclasses.replace(
                 self,
                 model=path,
@@ -320,6 +341,29 @@ class EngineArgs:
         """The switches given; the environment's (KernelConfig's defaults) for the others."""
         given = {"fused_ops": self.fused_ops, "gemv": self.gemv}
         return KernelConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _check_eagle_head(method: str, hf_config: Any, target: ModelConfig) -> None:
+    """An EAGLE / EAGLE-3 head's config against the target's: its architecture (set to the
+    registered one), hidden size, vocabulary and the target layers it reads."""
+    from pagedllm.models.eagle_utils import head_architecture, target_hidden_layers
+
+    hf_config.architectures = [head_architecture(method, hf_config)]
+    hidden = {hf_config.hidden_size, getattr(hf_config, "target_hidden_size", None)} - {None}
+    if hidden != {target.hidden_size}:
+        raise ValueError(
+            f"the head's hidden size is {sorted(hidden)}, the target's {target.hidden_size}: "
+            "an EAGLE head reads the target's hidden states and embedding"
+        )
+    if hf_config.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"the head's vocabulary has {hf_config.vocab_size} tokens, the target's "
+            f"{target.vocab_size}: an EAGLE head needs the target's vocabulary"
+        )
+    draft_vocab = getattr(hf_config, "draft_vocab_size", None) or hf_config.vocab_size
+    if method == "eagle3" and not 0 < draft_vocab <= target.vocab_size:
+        raise ValueError(f"draft_vocab_size={draft_vocab} exceeds the target's vocabulary")
+    target_hidden_layers(method, hf_config, target.num_layers)
 
 
 def _cli_type(annotation: Any) -> Any:

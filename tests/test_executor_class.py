@@ -40,3 +40,26 @@ def test_bad_backends_are_refused_naming_the_field() -> None:
         ParallelConfig(distributed_executor_backend="threads")
     with pytest.raises(ValueError, match=r"'uni' runs one rank, but .* is 2"):
         ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="uni")
+
+
+def test_ray_runs_in_ray_actors() -> None:
+    pytest.importorskip("ray")
+    from pagedllm.executor.ray import RayExecutor
+
+    assert executor_class(config(distributed_executor_backend="ray")) is RayExecutor
+    assert executor_class(config(tensor_parallel_size=2, distributed_executor_backend="ray")) is (
+        RayExecutor
+    )
+
+
+def test_ray_without_ray_names_the_field_and_the_extra(monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a)
+    )
+    with pytest.raises(
+        ValueError, match=r"distributed_executor_backend='ray' .*pip install 'pagedllm\[ray\]'"
+    ):
+        ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="ray")

@@ -37,7 +37,7 @@ from pagedllm.worker.sample.rejection import DraftLayout, rejection_sample, targ
         ({"method": "ngram", "prompt_lookup_min": 0}, "prompt_lookup_min"),
         ({"method": "ngram", "prompt_lookup_max": "4"}, "prompt_lookup_max"),
         ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
-        ({"method": "eagle"}, "not supported yet"),
+        ({"method": "eagle"}, "needs model"),
         ({"method": "draft_model"}, "needs model"),
         ({"method": "ngram", "model": "x"}, "not used by method 'ngram'"),
         ({"method": "medusa2"}, "method"),

@@ -70,6 +70,12 @@ class GroupCoordinator:
         dist.recv(out, self.ranks[src], group=self.device_group)
         return out
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """`x` of the group's rank `src` into every rank's `x` (in place)."""
+        if self.world_size > 1:
+            dist.broadcast(x, self.ranks[src], group=self.device_group)
+        return x
+
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """A picklable host object from the group's rank `src` to all (over gloo)."""
         if self.world_size == 1:

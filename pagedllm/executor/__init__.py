@@ -17,12 +17,18 @@ if TYPE_CHECKING:
 
 def executor_class(config: EngineConfig) -> type[Executor]:
     """The executor for `config.parallel_config`: `UniProcExecutor` (one worker in the engine's
-    own process) or `MultiprocExecutor` (one worker process per rank), by
-    `ParallelConfig.executor_backend`."""
-    if config.parallel_config.executor_backend == "mp":
+    own process), `MultiprocExecutor` (one worker process per rank) or `RayExecutor` (one Ray
+    actor per rank, on a Ray cluster's nodes), by `ParallelConfig.executor_backend`."""
+    backend = config.parallel_config.executor_backend
+    if backend == "mp":
         from pagedllm.executor.multiproc import MultiprocExecutor
 
         return MultiprocExecutor
+    if backend == "ray":
+        # NOTE: `ParallelConfig` has checked that Ray is installed.
+        from pagedllm.executor.ray import RayExecutor
+
+        return RayExecutor
     from pagedllm.executor.uniproc import UniProcExecutor
 
     return UniProcExecutor

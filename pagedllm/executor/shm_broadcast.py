@@ -10,8 +10,10 @@ and writes `seq` last; reader r waits for `seq == n`, copies the payload and set
 (Stores are not reordered on x86-64 or by CPython's memoryview writes; an ARM port would need a
 fence.) A message longer than a slot spans consecutive slots.
 
-Waiting spins briefly, then sleeps with a growing interval (at most `MAX_SLEEP_S`), calling
-`check` between sleeps, so a dead peer raises instead of hanging.
+Waiting spins for `spin_s` (default `SPIN_S`), then sleeps with a growing interval (at most
+`MAX_SLEEP_S`), calling `check` between sleeps, so a dead peer raises instead of hanging. A
+reader with a core of its own (a GPU worker between steps) spins longer: a sleeping reader wakes
+up to one interval late, and that lateness is added to every step.
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ class ShmHandle:
     slot_bytes: int
 
 
-def _wait(ready: Callable[[], bool], check: Callable[[], None] | None) -> None:
+def _wait(ready: Callable[[], bool], check: Callable[[], None] | None, spin_s: float) -> None:
     if ready():
         return
     start = time.perf_counter()
     sleep = 0.0
     while not ready():
-        if time.perf_counter() - start < SPIN_S:
+        if time.perf_counter() - start < spin_s:
             continue
         if check is not None:
             check()
@@ -126,7 +128,7 @@ class ShmBroadcast:
             flags = base + _HEADER.size
             if self._seq(base):  # the slot's previous message must be read by all
                 done = bytes([1]) * readers
-                _wait(functools.partial(self._all_read, flags, done), check)
+                _wait(functools.partial(self._all_read, flags, done), check, SPIN_S)
             chunk = view[offset : offset + self._payload]
             offset += len(chunk)
             more = offset < len(view)
@@ -139,13 +141,13 @@ class ShmBroadcast:
             if not more:
                 return
 
-    def read(self, check: Callable[[], None] | None = None) -> bytes:
+    def read(self, check: Callable[[], None] | None = None, spin_s: float = SPIN_S) -> bytes:
         """The next message (blocks until it is written)."""
         assert self.reader is not None, "the writer cannot read"
         parts = []
         while True:
             n, base = self._next, self._base(self._next)
-            _wait(functools.partial(self._written, base, n), check)
+            _wait(functools.partial(self._written, base, n), check, spin_s)
             length, more = struct.unpack_from("<qB", self._buf, base + 8)
             start = base + self._header
             parts.append(bytes(self._buf[start : start + length]))

@@ -112,8 +112,10 @@ def load_and_check_weights(model: nn.Module, weights: Iterable[tuple[str, torch.
     checkpoint's KV-cache scales (`k_scale`, `v_scale`, ...) go to the attention layers
     (`attention.fp8_kv.load_kv_scales`), not to the model's `load_weights`."""
     from pagedllm.attention.fp8_kv import load_kv_scales, split_kv_scales
+    from pagedllm.models.utils import pp_filter
 
     scales: dict[str, torch.Tensor] = {}
+    weights = pp_filter(model, weights)  # NOTE: another pipeline stage's tensors are skipped
     loaded = cast(CausalLM, model).load_weights(split_kv_scales(weights, scales))
     load_kv_scales(model, scales)
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)

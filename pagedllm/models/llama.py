@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 
 from pagedllm.attention.layer import Attention
+from pagedllm.distributed import get_pp_group
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import (
@@ -29,7 +30,13 @@ from pagedllm.layers.linear import (
     default_weight_loader,
 )
 from pagedllm.layers.rotary import RotaryEmbedding, get_rope, get_rope_parameters
-from pagedllm.models.utils import ModelContext, linear_kwargs
+from pagedllm.models.utils import (
+    IntermediateTensors,
+    ModelContext,
+    PPMissingLayer,
+    linear_kwargs,
+    pp_layer_range,
+)
 
 # (fused parameter, checkpoint module, shard id)
 _STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
@@ -204,27 +211,78 @@ class LlamaModel(nn.Module):
         self.rotary_emb = get_rope(
             head_dim, cfg.max_position_embeddings, get_rope_parameters(cfg), use_fused=fused_ops
         )
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        # Pipeline parallelism: this stage's layers; the others' are placeholders (the first
+        # stage embeds, the last one normalizes).
+        self.start_layer, self.end_layer = pp_layer_range(cfg.num_hidden_layers)
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.embed_tokens = (
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+            if self.is_first_stage
+            else PPMissingLayer()
+        )
         self.layers = nn.ModuleList(
             decoder_layer_cls(ctx.child(f"layers.{i}"), i, head_dim, self.rotary_emb, flags)
+            if self.start_layer <= i < self.end_layer
+            else PPMissingLayer()
             for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
+        self.norm = (
+            RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused=fused_ops)
+            if self.is_last_stage
+            else PPMissingLayer()
+        )
+        # EAGLE speculative decoding (`worker/eagle.py` sets these): each forward copies the
+        # hidden states of these layers into rows [0, T) of `hidden_state_buffer` [N, k * H],
+        # side by side in this order: layer i < num_layers gives its input (the residual
+        # stream after layer i - 1), i == num_layers the final normed output. A static buffer,
+        # so that CUDA graph replays fill it too (the return type stays).
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+        self.hidden_state_buffer: torch.Tensor | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
+    def _keep_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        buf = self.hidden_state_buffer
+        slot = self.aux_hidden_state_layers.index(layer_idx)
+        t, h = hidden.shape
+        if buf is not None and t <= buf.shape[0]:  # NOTE: a profile run may be longer
+            buf[:t, slot * h : (slot + 1) * h].copy_(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """The final hidden states; a stage before the last returns its `IntermediateTensors`
+        (and one after the first starts from the previous stage's)."""
+        if self.is_first_stage:
+            hidden_states, residual = self.embed_tokens(input_ids), None
+        else:
+            assert intermediate is not None, "a later pipeline stage needs the previous one's"
+            hidden_states, residual = intermediate.hidden_states, intermediate.residual
         # The layers rotate by cos/sin cache rows: the positions, but for LongRoPE's long ones.
         positions = self.rotary_emb.cache_rows(positions)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        aux = self.aux_hidden_state_layers
+        for idx in range(self.start_layer, self.end_layer):
+            if idx in aux:
+                self._keep_hidden(
+                    idx, hidden_states if residual is None else hidden_states + residual
+                )
+            hidden_states, residual = self.layers[idx](positions, hidden_states, residual)
+        if not self.is_last_stage:
+            assert residual is not None, "a stage holds at least one layer"
+            return IntermediateTensors(hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
+        if len(self.layers) in aux:
+            self._keep_hidden(len(self.layers), hidden_states)
         return hidden_states
 
 
 class LlamaForCausalLM(nn.Module):
     """A causal LM over a flat batch of tokens (no batch dimension); see `models/registry.py`."""
 
+    # Pipeline parallelism: `LlamaModel` splits its layers over the stages.
+    supports_pp: ClassVar[bool] = True
     # The decoder layer an architecture builds (see `LlamaModel`).
     decoder_layer_cls: ClassVar[type[nn.Module]] = LlamaDecoderLayer
 
@@ -234,11 +292,13 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.flags = self.arch_flags(hf_config)
         self.model = LlamaModel(ctx.child("model"), self.flags, self.decoder_layer_cls)
-        self.lm_head = ParallelLMHead(
-            hf_config.vocab_size, hf_config.hidden_size, use_gemv=ctx.kernel_config.gemv
-        )
+        self.lm_head: nn.Module = PPMissingLayer()
+        if self.model.is_last_stage:
+            self.lm_head = ParallelLMHead(
+                hf_config.vocab_size, hf_config.hidden_size, use_gemv=ctx.kernel_config.gemv
+            )
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and self.model.is_first_stage and self.model.is_last_stage:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
@@ -250,13 +310,20 @@ class LlamaForCausalLM(nn.Module):
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`input_ids [T]`, `positions [T]` → hidden states `[T, hidden_size]`."""
-        return self.model(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> Any:
+        """`input_ids [T]`, `positions [T]` → hidden states `[T, hidden_size]` (a pipeline
+        stage before the last: its `IntermediateTensors`)."""
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`[N, hidden_size]` → logits `[N, vocab_size]` in the model dtype."""
-        return self.lm_head.compute_logits(hidden_states)
+        """`[N, hidden_size]` → logits `[N, vocab_size]` in the model dtype (the last pipeline
+        stage's: the others hold no LM head)."""
+        return cast(ParallelLMHead, self.lm_head).compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named checkpoint tensors; returns the names of the parameters filled.
@@ -269,8 +336,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if self.tie_word_embeddings and name == "lm_head.weight":
-                continue
+            if self.tie_word_embeddings and name == "lm_head.weight" and self.model.is_first_stage:
+                continue  # the embedding's, shared
             param_name, shard_id = _param_name(name)
             if param_name not in params:
                 raise ValueError(

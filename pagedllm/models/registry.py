@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 _MODELS: dict[str, str] = {
     "DeepseekV2ForCausalLM": "pagedllm.models.deepseek_v2:DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM": "pagedllm.models.deepseek_v2:DeepseekV3ForCausalLM",
+    # EAGLE heads (speculative decoding's methods "eagle" and "eagle3": `worker/eagle.py`).
+    "EagleLlamaForCausalLM": "pagedllm.models.llama_eagle:EagleLlamaForCausalLM",
+    "Eagle3LlamaForCausalLM": "pagedllm.models.llama_eagle3:Eagle3LlamaForCausalLM",
+    "LlamaForCausalLMEagle3": "pagedllm.models.llama_eagle3:Eagle3LlamaForCausalLM",
     "Qwen2MoeForCausalLM": "pagedllm.models.qwen2_moe:Qwen2MoeForCausalLM",
     "Gemma2ForCausalLM": "pagedllm.models.gemma2:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "pagedllm.models.gemma3:Gemma3ForCausalLM",

@@ -29,10 +29,13 @@ are written into the input batch, whose rows the next forward reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
-from pagedllm.attention.backend import AttentionBackend, StepAttentionInputs
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, StepAttentionInputs
 from pagedllm.attention.layer import Attention
 from pagedllm.config import EngineConfig
 from pagedllm.forward_context import set_forward_context
@@ -50,10 +53,19 @@ _DRAFT_KEY_STRIDE = 1 << 40
 
 
 def make_drafter(
-    config: EngineConfig, device: torch.device, attn_backend: type[AttentionBackend]
+    config: EngineConfig,
+    device: torch.device,
+    attn_backend: type[AttentionBackend],
+    target: Any = None,
 ) -> DraftModel | None:
-    """The draft model of the config (None unless its method is "draft_model")."""
+    """The worker's proposer of the config: the draft model ("draft_model"), the EAGLE head
+    of the `target` ("eagle", "eagle3": `worker/eagle.py`); None for the other methods."""
     spec = config.speculative_config
+    if spec is not None and spec.method in ("eagle", "eagle3"):
+        from pagedllm.worker.eagle import EagleProposer
+
+        assert target is not None, "an EAGLE head reads the target's hidden states"
+        return EagleProposer(config, device, attn_backend, target)
     if spec is None or spec.method != "draft_model":
         return None
     return DraftModel(config, device, attn_backend)
@@ -104,9 +116,38 @@ class DraftModel:
     # ----- proposing -----
 
     @torch.inference_mode()
-    def propose(self, req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:
+    def propose(
+        self, req_ids: list[str], rows: np.ndarray, step: Any = None
+    ) -> dict[str, list[int]]:
         """Drafts for the requests that just sampled (`rows`: their input-batch rows, whose
-        tokens are current), by request; those that cannot draft get none."""
+        tokens are current), by request; those that cannot draft get none. (`step`: the step's
+        `StepInputs`, which an EAGLE head reads.)"""
+        plan = self._plan(req_ids, rows)
+        if plan is None:
+            return {}
+        ids, rows, n, num = plan
+        starts = np.fromiter((self._computed.get(r, 0) for r in ids), np.int64, len(ids))
+        for r, count in zip(ids, n.tolist()):
+            self._computed[r] = count
+        starts = self._catch_up(rows, starts, n)
+
+        def forward(j: int, active: np.ndarray) -> torch.Tensor:
+            if j == 0:
+                logits = self._run(rows, starts, n - starts, logits=True)
+            else:  # d_j at position n + j - 1
+                ones = np.ones(len(active), np.int64)
+                logits = self._run(rows[active], n[active] + j - 1, ones, logits=True)
+            assert logits is not None
+            return logits
+
+        return self._draft(ids, rows, n, num, forward)
+
+    def _plan(
+        self, req_ids: list[str], rows: np.ndarray
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray] | None:
+        """The requests that draft, their rows, known tokens n and draft counts (None: none):
+        at most k, and no K/V past the slots their blocks hold (a draft forward writes
+        positions up to n + num - 2)."""
         batch = self.batch
         assert batch is not None
         n = batch.num_tokens[rows]
@@ -119,27 +160,34 @@ class DraftModel:
         num[batch.min_tokens[rows] > 0] = 0
         keep = np.flatnonzero(num > 0)
         if not keep.size:
-            return {}
+            return None
         ids = [req_ids[i] for i in keep.tolist()]
-        rows, n, num = rows[keep], n[keep], num[keep]
-        starts = np.fromiter((self._computed.get(r, 0) for r in ids), np.int64, len(ids))
-        for r, count in zip(ids, n.tolist()):
-            self._computed[r] = count
+        for r in ids:
             self._probs.pop(r, None)
-        starts = self._catch_up(rows, starts, n)
+        return ids, rows[keep], n[keep], num[keep]
+
+    def _draft(
+        self,
+        ids: list[str],
+        rows: np.ndarray,
+        n: np.ndarray,
+        num: np.ndarray,
+        forward: Callable[[int, np.ndarray], torch.Tensor],
+    ) -> dict[str, list[int]]:
+        """The k-step loop: `forward(j, active)` gives the logits of draft j + 1 of the
+        requests `active` (indices into `ids`; all of them for j = 0), d_j being written
+        after their known tokens first. Sampled requests keep their q (`_probs`)."""
+        batch = self.batch
+        assert batch is not None
         random = batch.temperature[rows] > 0
         drafts = np.zeros((len(ids), self.k), np.int64)
         probs: list[list[torch.Tensor]] = [[] for _ in ids]
         active = np.arange(len(ids))
         for j in range(int(num.max())):
-            if j == 0:
-                tokens, q = self._forward(rows, starts, n - starts, n, 0)
-            else:
+            if j > 0:
                 active = active[num[active] > j]
-                r = rows[active]
-                batch.token_ids[r, n[active] + j - 1] = drafts[active, j - 1]
-                ones = np.ones(len(r), np.int64)
-                tokens, q = self._forward(r, n[active] + j - 1, ones, n[active], j)
+                batch.token_ids[rows[active], n[active] + j - 1] = drafts[active, j - 1]
+            tokens, q = self._draw(forward(j, active), rows[active], n[active], j)
             drafts[active, j] = tokens
             if q is not None:
                 for a, i in enumerate(active.tolist()):
@@ -170,19 +218,11 @@ class DraftModel:
             starts[sel] += take[sel]
         return starts
 
-    def _forward(
-        self,
-        rows: np.ndarray,
-        starts: np.ndarray,
-        query_lens: np.ndarray,
-        num_known: np.ndarray,
-        j: int,
+    def _draw(
+        self, logits: torch.Tensor, rows: np.ndarray, num_known: np.ndarray, j: int
     ) -> tuple[np.ndarray, torch.Tensor | None]:
-        """One draft forward of the rows' tokens [starts, starts + query_lens) (their drafts
-        after their known tokens); each row's last gives its draft j + 1. Returns the drafted
-        ids (host) and the distributions they were drawn from (None: every row greedy)."""
-        logits = self._run(rows, starts, query_lens, logits=True)
-        assert logits is not None
+        """Draft j + 1 of the rows from their logits: the drafted ids (host) and the
+        distributions they were drawn from (None: every row greedy)."""
         batch = self.batch
         assert batch is not None and self.stager is not None and self.sampler is not None
         if not (batch.temperature[rows] > 0).any():
@@ -192,11 +232,12 @@ class DraftModel:
         noise = self._noise(q.shape, rows, num_known - batch.num_prompt_tokens[rows], j)
         return argmax_rows(q / noise).cpu().numpy(), q
 
-    def _run(
-        self, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray, logits: bool
-    ) -> torch.Tensor | None:
-        """A draft forward of the rows' tokens [starts, starts + query_lens) (their K/V into
-        the draft's cache); the logits of each row's last token if `logits`."""
+    def _attn_inputs(
+        self, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray
+    ) -> tuple[AttentionMetadata, np.ndarray, np.ndarray, np.ndarray]:
+        """The attention metadata of a draft forward of the rows' positions [starts,
+        starts + query_lens) (their K/V into the draft's cache), and per token its row and
+        position, and the query ends (cumsum of query_lens)."""
         batch, st, bs = self.batch, self.stager, self.block_size
         assert batch is not None and st is not None
         cu = np.cumsum(query_lens)
@@ -216,7 +257,16 @@ class DraftModel:
             slot_mapping=blocks * bs + positions % bs,
             max_query_len=int(query_lens.max()),
         )
-        metadata = self.attn_builder.build(attn_inputs, st.to_device)
+        return self.attn_builder.build(attn_inputs, st.to_device), token_rows, positions, cu
+
+    def _run(
+        self, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray, logits: bool
+    ) -> torch.Tensor | None:
+        """A draft forward of the rows' tokens [starts, starts + query_lens) (their K/V into
+        the draft's cache); the logits of each row's last token if `logits`."""
+        batch, st = self.batch, self.stager
+        assert batch is not None and st is not None
+        metadata, token_rows, positions, cu = self._attn_inputs(rows, starts, query_lens)
         ids = st.to_device(batch.token_ids[token_rows, positions].astype(np.int64))
         with set_forward_context(metadata):
             hidden = self.model(ids, st.to_device(positions))

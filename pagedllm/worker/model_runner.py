@@ -46,9 +46,11 @@ from pagedllm.worker.buckets import padded_rows, row_buckets
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.draft_model import DraftModel
 from pagedllm.worker.input_batch import InputBatch
+from pagedllm.worker.pipeline import PipelineStage
 from pagedllm.worker.sample import (
     HostLogprobs,
     Sampler,
+    SamplerOutput,
     SamplingMetadata,
     compute_prompt_logprobs,
 )
@@ -88,6 +90,11 @@ class StepInputs:
     # Speculative decoding: the drafts of the requests that sample (in logits order: request
     # i's 1 + num_drafts[i] rows), None when no request drafts this step.
     drafts: DraftLayout | None = None
+    # Every scheduled request's input-batch row, computed tokens before the step and query
+    # length (an EAGLE head reads them: `worker/eagle.py`).
+    rows: np.ndarray | None = None
+    starts: np.ndarray | None = None
+    query_lens: np.ndarray | None = None
 
     @property
     def num_logits_rows(self) -> int:
@@ -141,6 +148,8 @@ class ModelRunner:
         self.sampler = Sampler(seed=config.model_config.seed, device=device)
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.stager = HostStager(device)
+        dtype = getattr(torch, config.model_config.dtype)
+        self.pipeline = PipelineStage(config.model_config.hidden_size, dtype, device)
         self.spec_sampler = SpecDecodeSampler(self.input_batch, self.stager, self.sampler)
         self.drafter = drafter
         if drafter is not None:
@@ -162,8 +171,8 @@ class ModelRunner:
 
         NOTE: every position maps to block 0, which gets finite garbage; harmless, as a block's
         slots are always written before they are read once a request owns it."""
-        if self.device.type != "cuda":
-            return
+        if self.device.type != "cuda" or self.pipeline.enabled:
+            return  # NOTE: pipeline stages start cold (their first steps compile)
         max_len = self.config.model_config.max_model_len
         chunk = min(256, max_len)
         for query_lens, seq_lens in (([chunk, 1], [chunk, 2]), ([1], [max_len])):
@@ -213,8 +222,8 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """Captures the decode graphs (after the KV cache is bound), unless the config says
         eager or the attention backend cannot be captured."""
-        if self.device.type != "cuda" or self.config.enforce_eager:
-            return
+        if self.device.type != "cuda" or self.config.enforce_eager or self.pipeline.enabled:
+            return  # NOTE: pipeline stages run eagerly (their graphs would hold the sends)
         impls = [layer.impl for layer in self.attention_layers]
         if impls and not all(impl.cuda_graph_safe for impl in impls):
             logger.info(
@@ -342,6 +351,9 @@ class ModelRunner:
             prompt_logprobs=self._plan_prompt_logprobs(req_ids, rows, starts, seq_lens, cu),
             graph_size=graph_size,
             drafts=drafts,
+            rows=rows,
+            starts=starts,
+            query_lens=query_lens,
         )
 
     def _pending_inputs(
@@ -424,7 +436,12 @@ class ModelRunner:
             hidden = self.cuda_graphs.replay(inputs.graph_size)
         else:
             with set_forward_context(inputs.attn_metadata):
-                hidden = self.model(inputs.input_ids, inputs.positions)
+                hidden = self.pipeline.forward(self.model, inputs.input_ids, inputs.positions)
+        if hidden is None:  # a pipeline stage before the last: its ids come from the last
+            step = InFlightStep(step_id=self._step_id, inputs=inputs, logits=None)
+            if not out.structured_output_request_ids:
+                self._sample(step, None)
+            return step
         plan = inputs.prompt_logprobs
         num_sampled = inputs.num_logits_rows
         indices = inputs.logits_indices
@@ -492,18 +509,24 @@ class ModelRunner:
             self._sample_spec(step, grammar)
             return
         inputs, logits = step.inputs, step.logits
-        assert logits is not None, "a step is sampled once"
+        assert step.results is None, "a step is sampled once"
         step.logits = None
         plan = inputs.prompt_logprobs
         num_sampled = len(inputs.sample_rows)
         md = self.input_batch.make_sampling_metadata(
             inputs.sample_rows, self.stager, self.sampler.rng
         )
-        sampled_req_ids = [inputs.req_ids[i] for i in np.flatnonzero(inputs.sample_mask).tolist()]
-        self._add_bitmask(md, sampled_req_ids, grammar)
-        sampled = self.sampler.sample(logits[:num_sampled], md)
+        if logits is None:  # a pipeline stage before the last
+            sampled = SamplerOutput(self.pipeline.share_sampled(None, num_sampled), None)
+        else:
+            sampled_req_ids = [
+                inputs.req_ids[i] for i in np.flatnonzero(inputs.sample_mask).tolist()
+            ]
+            self._add_bitmask(md, sampled_req_ids, grammar)
+            sampled = self.sampler.sample(logits[:num_sampled], md)
+            self.pipeline.share_sampled(sampled.token_ids, num_sampled)
         prompt_lp = None
-        if plan is not None:
+        if plan is not None and logits is not None:
             targets = self.stager.to_device(plan.targets)
             n = int(self.input_batch.num_prompt_logprobs[plan.batch_rows].max())
             prompt_lp = compute_prompt_logprobs(logits[num_sampled:], targets, n)
@@ -572,7 +595,7 @@ class ModelRunner:
             inputs = step.inputs
             start = time.perf_counter()
             sampled = [inputs.req_ids[i] for i in np.flatnonzero(inputs.sample_mask).tolist()]
-            output.draft_token_ids = self.drafter.propose(sampled, inputs.sample_rows)
+            output.draft_token_ids = self.drafter.propose(sampled, inputs.sample_rows, inputs)
             output.draft_time_s = time.perf_counter() - start
         return output
 

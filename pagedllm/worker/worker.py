@@ -47,7 +47,7 @@ class Worker:
             config.parallel_config,
         )
         # Speculative decoding's draft model: its layers' caches share the target's blocks.
-        self.drafter = make_drafter(config, self.device, self.attn_backend)
+        self.drafter = make_drafter(config, self.device, self.attn_backend, self.model)
         self.model_runner = ModelRunner(
             config, self.model, self.device, self.attn_backend, self.drafter
         )
@@ -110,8 +110,10 @@ class Worker:
         n = sc.max_num_batched_tokens
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         with set_forward_context(None):
-            hidden = self.model(ids, torch.arange(n, device=self.device))
-        self.model.compute_logits(hidden[: sc.max_num_seqs]).float().softmax(-1)
+            positions = torch.arange(n, device=self.device)
+            hidden = self.model_runner.pipeline.forward_alone(self.model, ids, positions)
+        if hidden is not None:  # the last pipeline stage (or the only one) computes logits
+            self.model.compute_logits(hidden[: sc.max_num_seqs]).float().softmax(-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del hidden

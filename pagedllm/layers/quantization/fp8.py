@@ -17,7 +17,8 @@ The product on CUDA (`kernels.use_kernels`), FP8 only: the e4m3 weight stays as 
 quantizes the activation with the Triton kernels of `kernels.fp8_quant` (per token, with the
 static scale, or per 1 x bk group; fused with the MLP's SiLU-and-mul in `apply_silu_mul`), then
 multiplies with `torch._scaled_mm` (per-tensor / per-channel weight scales, `kernels.fp8_gemm.
-scaled_mm`) or the Triton block-scaled GEMM (`block_scaled_mm`). What they do not take stays on
+scaled_mm`; for a few rows the FP8 GEMV `kernels.gemv_quant.fp8_gemv`, with the GEMV switch) or
+the Triton block-scaled GEMM (`block_scaled_mm`). What they do not take stays on
 the torch path below: int8 W8A8, fused parts with different static input scales, K or N not a
 multiple of 16 (cuBLASLt), a K block that is not a power of two.
 
@@ -221,7 +222,7 @@ class ActQuantLinearMethod(PackedLinearMethod):
     def _apply_kernel(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool
     ) -> torch.Tensor:
-        from pagedllm.layers.quantization.kernels import fp8_gemm, fp8_quant
+        from pagedllm.layers.quantization.kernels import fp8_gemm, fp8_quant, gemv_quant
 
         n: int = layer.output_size_per_partition  # type: ignore[assignment]
         weight: torch.Tensor = layer.weight  # type: ignore[assignment]
@@ -233,7 +234,11 @@ class ActQuantLinearMethod(PackedLinearMethod):
         else:
             static = layer.input_scale if self.act[0] == "static" else None
             q, scale = fp8_quant.quant_per_token(x, static, silu_mul=silu_mul)  # type: ignore[arg-type]
-            y = fp8_gemm.scaled_mm(q, scale, weight, w_scale, x.dtype, bias)
+            # NOTE: a few rows (decode): the FP8 GEMV streams the weight faster than cuBLASLt.
+            if gemv_quant.fp8_wanted(q, weight, self.use_gemv):
+                y = gemv_quant.fp8_gemv(q, scale, weight, w_scale, x.dtype, bias)
+            else:
+                y = fp8_gemm.scaled_mm(q, scale, weight, w_scale, x.dtype, bias)
         return y.view(*x.shape[:-1], n)
 
     def apply(

@@ -12,8 +12,9 @@ an `[output, input]` weight, in packed units.
 `process_weights_after_loading` then, on CUDA (`kernels.use_kernels`), repacks the integer
 weights into the one layout of the W4A16 kernel (`kernels.w4a16.IntWeights`: packed along the
 input, float32 group scales, zeros or none), which dequantizes in registers: the weights stay a
-quarter (or half) of their float size. Elsewhere, or for what the kernel does not take (GPTQ's
-act order, group sizes its K tiles do not divide), it dequantizes once: `(q - zero) * scale` of
+quarter (or half) of their float size (for a few rows, `kernels.gemv_quant.int_gemv` on the same
+layout). Elsewhere, or for what the kernel does not take (GPTQ's act order, group sizes its K
+tiles do not divide), it dequantizes once: `(q - zero) * scale` of
 each weight's group, in float32 (exact: a small integer times an fp16/bf16 scale fits float32's
 mantissa), cast to the model dtype, as one `[output, input]` `weight`; the packed tensors are
 dropped, and the layer is an unquantized linear (`F.linear`, the GEMV for a few rows on CUDA).
@@ -374,8 +375,11 @@ class PackedLinearMethod(UnquantizedLinearMethod):
     ) -> torch.Tensor:
         packed = layer.__dict__.get("int_weights")
         if packed is not None:
-            from pagedllm.layers.quantization.kernels import w4a16
+            from pagedllm.layers.quantization.kernels import gemv_quant, w4a16
 
+            # NOTE: a few rows (decode): the integer GEMV (`use_gemv`: the GEMV switch).
+            if gemv_quant.int_wanted(x, packed, self.use_gemv):
+                return gemv_quant.int_gemv(x, packed, bias)
             return w4a16.int_gemm(x, packed, bias)
         return super().apply(layer, x, bias)
 

@@ -1,7 +1,8 @@
 """The GPU kernels of the quantization methods, imported on first use (a CPU start never imports
 Triton): `fp8_quant` (dynamic FP8 activation quantization, per token or per token-group, fused
 with SiLU-and-mul), `fp8_gemm` (`torch._scaled_mm` for per-tensor/per-channel FP8, a Triton GEMM
-for 128 x 128 block-scaled FP8) and `w4a16` (the packed-integer weight-only GEMM).
+for 128 x 128 block-scaled FP8), `w4a16` (the packed-integer weight-only GEMM) and `gemv_quant`
+(the few-row GEMVs of FP8 and packed-integer weights that the methods take for decode steps).
 
 `use_kernels(device)` is the one switch the methods read when they convert their weights after
 loading: a CUDA device with Triton installed, unless `PAGEDLLM_FUSED_OPS=0` (as `fused.enabled`),

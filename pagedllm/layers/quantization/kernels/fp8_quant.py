@@ -21,6 +21,7 @@ from pagedllm.layers.gemv_kernels import _load_act
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # NOTE: fp8.MIN_SCALE (kept equal by the tests)
+ONE_PASS_MAX_K = 16384  # rows up to this many inputs are read once (`_per_token_kernel`)
 
 
 @triton.jit
@@ -32,27 +33,41 @@ def _quant_store(q_row, v, scale, offs, mask, FP8_MAX: tl.constexpr):
 
 @triton.jit
 def _per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-                      SILU_MUL: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
-                      FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):  # fmt: skip
+                      SILU_MUL: tl.constexpr, STATIC: tl.constexpr, ONE_PASS: tl.constexpr,
+                      BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+                      MIN_SCALE: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
     offs0 = tl.arange(0, BLOCK)
-    if STATIC:
-        scale = tl.load(s_ptr)
+    if ONE_PASS:
+        # NOTE: the row in one tile (K <= BLOCK), read once: a decode step's quantization is
+        # one program, bound by the latency of its reads.
+        mask = offs0 < K
+        v = _load_act(x_row + offs0, K, mask, False, SILU_MUL)
+        if STATIC:
+            scale = tl.load(s_ptr)
+        else:
+            amax = tl.max(tl.abs(v.to(tl.float32)), axis=0)
+            scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), MIN_SCALE)
+            tl.store(s_ptr + row, scale)
+        _quant_store(q_row, v, scale, offs0, mask, FP8_MAX)
     else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        if STATIC:
+            scale = tl.load(s_ptr)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + offs0
+                v = _load_act(x_row + offs, K, offs < K, False, SILU_MUL)
+                amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+            scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), MIN_SCALE)
+            tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             offs = k0 + offs0
-            v = _load_act(x_row + offs, K, offs < K, False, SILU_MUL)
-            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), MIN_SCALE)
-        tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + offs0
-        mask = offs < K
-        v = _load_act(x_row + offs, K, mask, False, SILU_MUL)
-        _quant_store(q_row, v, scale, offs, mask, FP8_MAX)
+            mask = offs < K
+            v = _load_act(x_row + offs, K, mask, False, SILU_MUL)
+            _quant_store(q_row, v, scale, offs, mask, FP8_MAX)
 
 
 @triton.jit
@@ -95,11 +110,13 @@ def quant_per_token(
         scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    block = min(2048, triton.next_power_of_2(max(k, 16)))
+    # NOTE: a row of up to ONE_PASS_MAX_K inputs in one tile (16 warps: 32 a thread at most).
+    one_pass = k <= ONE_PASS_MAX_K
+    block = triton.next_power_of_2(max(k, 16)) if one_pass else 2048
     _per_token_kernel[(m,)](
         rows, q, scale, k, rows.stride(0), q.stride(0), SILU_MUL=silu_mul,
-        STATIC=static_scale is not None, BLOCK=block, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
-        num_warps=4 if block <= 1024 else 8,
+        STATIC=static_scale is not None, ONE_PASS=one_pass, BLOCK=block, FP8_MAX=FP8_MAX,
+        MIN_SCALE=MIN_SCALE, num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16),
     )  # fmt: skip
     return q, scale
 
