@@ -21,12 +21,15 @@ de-interleaved first (evens, then odds), after which the pairs are the rotate-ha
 `RotaryEmbedding`. Only dot products of q_pe with k_pe are ever taken, so the permutation (the
 same for both) changes nothing but the cache's layout.
 
-NOTE: the torch path reads the metadata's host copies (not CUDA-graph safe: decode runs eagerly);
-it is the CPU path, the path on CUDA for now, and the oracle of a latent kernel to come.
+NOTE: the torch path reads the metadata's host copies (not CUDA-graph safe); it is the CPU path,
+the prompt path everywhere, and the oracle of the Triton latent decode
+(`attention/triton/mla_backend.py`, chosen on CUDA by `mla_backend`; CUDA-graph safe).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -136,6 +139,28 @@ class MLATorchImpl(AttentionImpl):
             write_latents(key[:num_tokens, 0], kv_cache, metadata.slot_mapping)
         # NOTE: rows past num_actual_tokens (batch padding) are not attended; their output is 0.
         output = query.new_zeros(query.shape[0], self.num_heads, value_dim)
+        decodes = self._prefills(query, kv_cache, metadata, output)
+        if not decodes:
+            return output
+        starts = metadata.query_start_loc_cpu.tolist()
+        seq_lens = metadata.seq_lens_cpu.tolist()
+        # NOTE: a bounded gather bounds peak memory (the padded latents of a chunk of requests).
+        longest = max(seq_lens[i] for i in decodes) + kv_cache.shape[1]
+        chunk = max(1, _CHUNK_BYTES // (longest * kv_cache.shape[-1] * kv_cache.element_size()))
+        for lo in range(0, len(decodes), chunk):
+            self._decode(query, kv_cache, metadata, decodes[lo : lo + chunk], starts, seq_lens,
+                         value_dim, output)  # fmt: skip
+        return output
+
+    def _prefills(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        output: torch.Tensor,
+    ) -> list[int]:
+        """Writes the rows of the requests of more than one query row into `output` (reading
+        the metadata's host copies); returns the single-row (decode) requests, left to do."""
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()
         decodes: list[int] = []
@@ -145,17 +170,10 @@ class MLATorchImpl(AttentionImpl):
                 decodes.append(i)
             elif query_len > 1:
                 output[start : start + query_len] = self._prefill(
-                    query[start : start + query_len], kv_cache, metadata, i, seq_lens[i], value_dim
-                )
-        if not decodes:
-            return output
-        # NOTE: a bounded gather bounds peak memory (the padded latents of a chunk of requests).
-        longest = max(seq_lens[i] for i in decodes) + kv_cache.shape[1]
-        chunk = max(1, _CHUNK_BYTES // (longest * kv_cache.shape[-1] * kv_cache.element_size()))
-        for lo in range(0, len(decodes), chunk):
-            self._decode(query, kv_cache, metadata, decodes[lo : lo + chunk], starts, seq_lens,
-                         value_dim, output)  # fmt: skip
-        return output
+                    query[start : start + query_len], kv_cache, metadata, i, seq_lens[i],
+                    output.shape[-1],
+                )  # fmt: skip
+        return decodes
 
     def _prefill(
         self,
@@ -225,6 +243,28 @@ class MLATorchBackend(AttentionBackend):
         return (num_blocks, spec.block_size, spec.head_dim)
 
 
+def use_triton_decode() -> bool:
+    """Whether MLA layers built now run their decode in Triton (`MLATritonBackend`): on CUDA
+    with triton installed and `PAGEDLLM_MLA_TRITON=1`. NOTE: opt-in until the compiled kernel
+    has run on a GPU (tested under Triton's interpreter only so far); a module function, so
+    tests can force it (the interpreter)."""
+    return (
+        os.environ.get("PAGEDLLM_MLA_TRITON", "0") == "1"
+        and torch.cuda.is_available()
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
+def mla_backend() -> type[AttentionBackend]:
+    """The backend of an MLA layer: Triton's latent decode (CUDA-graph safe) where
+    `use_triton_decode`, else the torch path."""
+    if use_triton_decode():
+        from pagedllm.attention.triton.mla_backend import MLATritonBackend
+
+        return MLATritonBackend
+    return MLATorchBackend
+
+
 def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     """`[..., (x0, x1), (x2, x3), ...]` → `[..., x0, x2, ..., x1, x3, ...]` (a copy)."""
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
@@ -255,7 +295,7 @@ class MLAAttention(Attention):
         prefix: str = "",
     ) -> None:
         super().__init__(
-            num_heads, kv_lora_rank + qk_rope_head_dim, scale, 1, MLATorchBackend, prefix=prefix
+            num_heads, kv_lora_rank + qk_rope_head_dim, scale, 1, mla_backend(), prefix=prefix
         )
         if rotary_emb.rotary_dim != qk_rope_head_dim:
             raise ValueError(

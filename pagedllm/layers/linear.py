@@ -108,6 +108,9 @@ class LinearBase(nn.Module):
         self.quant_method: LinearMethodBase = (
             method if method is not None else UnquantizedLinearMethod()
         )
+        use_gemv = getattr(quant_config, "use_gemv", None)
+        if use_gemv is not None and isinstance(self.quant_method, UnquantizedLinearMethod):
+            self.quant_method.use_gemv = use_gemv  # the engine's switch (`KernelConfig.gemv`)
         # NOTE: the weight is registered before the bias: the dummy loader fills parameters in
         # registration order from one generator.
         self.quant_method.create_weights(

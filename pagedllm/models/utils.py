@@ -54,6 +54,8 @@ def make_context(
         from pagedllm.layers.quantization import UnquantizedConfig
 
         quant_config = UnquantizedConfig(kernel_config.gemv, kernel_config.fused_ops)
+    else:  # NOTE: a quantized checkpoint's methods follow the engine's GEMV switch too
+        object.__setattr__(quant_config, "use_gemv", kernel_config.gemv)
     return ModelContext(
         hf_config=hf_config,
         attn_backend=attn_backend,

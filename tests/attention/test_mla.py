@@ -170,4 +170,4 @@ def test_mla_spec_counts_one_latent_row_per_token() -> None:
         MLASpec(BLOCK, 2, RANK + ROPE, "float32", RANK)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         MLASpec(BLOCK, 1, RANK, "float32", RANK)
-    assert not layer.impl.cuda_graph_safe
+    assert not MLATorchBackend.get_impl_cls().cuda_graph_safe  # the Triton decode's is

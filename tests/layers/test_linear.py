@@ -416,3 +416,25 @@ def test_use_gemv_none_follows_the_environment(
     x = _x((1,), 24, seed=2)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
     assert fake_gemv.calls == ["gemv"]
+
+
+@pytest.mark.parametrize("gemv", [False, True])
+def test_the_engines_gemv_switch_reaches_quantized_methods(gemv: bool) -> None:
+    """`KernelConfig.gemv` (`--gemv` / PAGEDLLM_GEMV) decides for a quantized layer's method
+    too, not only for unquantized ones."""
+    from types import SimpleNamespace
+
+    from pagedllm.attention.backend import get_attention_backend
+    from pagedllm.config import KernelConfig
+    from pagedllm.layers.linear import ColumnParallelLinear
+    from pagedllm.layers.quantization import quantization_config_from_hf
+    from pagedllm.models.utils import make_context
+
+    quant = quantization_config_from_hf(SimpleNamespace(), "fp8")
+    kernels = KernelConfig(fused_ops=True, gemv=gemv)
+    ctx = make_context(
+        SimpleNamespace(), get_attention_backend("torch", "cpu"), kernels, None, quant
+    )
+    layer = ColumnParallelLinear(64, 32, quant_config=ctx.quant_config, prefix="x")
+    assert type(layer.quant_method).__name__ == "Fp8OnlineLinearMethod"
+    assert layer.quant_method.use_gemv is gemv

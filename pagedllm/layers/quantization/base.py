@@ -88,6 +88,9 @@ class QuantizationConfig(ABC):
 
     # The name it is registered under (as `--quantization` will take it).
     name: ClassVar[str]
+    # The engine's GEMV switch (`KernelConfig.gemv`), set by `models.utils.make_context` and
+    # given to the layers' methods; None: the environment's (`PAGEDLLM_GEMV`).
+    use_gemv: bool | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QuantizationConfig:

@@ -84,13 +84,19 @@ def _log2(x, FAST: tl.constexpr):
 def _gumbel(idx, key_lo, key_hi, FAST_LOG: tl.constexpr):
     """Gumbel noise in log2 units (`-log2(E)`, E ~ Exp(1) up to a constant factor) of the
     entries `idx` of the row keyed (key_lo, key_hi)."""
+    return -_log2(_exponential(idx, key_lo, key_hi, FAST_LOG), FAST_LOG)
+
+
+@triton.jit
+def _exponential(idx, key_lo, key_hi, FAST_LOG: tl.constexpr):
+    """E ~ Exp(1) of the entries `idx` of the row keyed (key_lo, key_hi) (also read by
+    `rejection_kernels`)."""
     h = _lowbias32(_lowbias32(idx.to(tl.uint32) ^ key_lo) ^ key_hi)
     w = ((h >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24: w in (0, 1)
     # E = -ln(1 - w). Near w = 0 (the draws that win) a log of 1 - w would lose E's digits
     # (lg2.approx's error is absolute, 2^-22.6): a series (relative error < 2^-26 below 2^-4).
     series = w * (1.0 + w * (0.5 + w * (0.33333334 + w * (0.25 + w * (0.2 + w * 0.16666667)))))
-    e = tl.where(w < 0.0625, series, _log2(1.0 - w, FAST_LOG) * -0.6931471805599453)
-    return -_log2(e, FAST_LOG)
+    return tl.where(w < 0.0625, series, _log2(1.0 - w, FAST_LOG) * -0.6931471805599453)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])  # one compile per dtype, whatever the row count

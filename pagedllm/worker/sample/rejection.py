@@ -16,13 +16,25 @@ p_j is the target after the request's temperature, min_p, top-k and top-p (the p
 read per-position state - penalties, bad words, min_tokens, allowed ids, logit bias, grammars -
 are not drafted for: the scheduler gives those requests no drafts).
 
-Randomness: the unseeded rows draw from the `SamplingRNG`'s generator; a seeded request from a
-generator keyed by (its seed, its output position), so its output does not depend on the batch.
-A torch implementation (a Triton kernel can replace it); one host sync for the acceptances.
+Two implementations, one host sync each: torch ops (the reference, and the CPU's path), and on
+CUDA one Triton launch (`rejection_kernels.verify`, unless `PAGEDLLM_TRITON_REJECTION` is "0"):
+the same tokens given the same noise and uniforms.
+
+Randomness (`draw_noise`): on the torch path Exp(1) noise [N, V] and the acceptance uniforms are
+drawn from the `SamplingRNG`'s generator; a seeded request's from a generator keyed by (its
+seed, its output position). On the kernel path (`SamplingRNG.use_kernel` and the switch on)
+each row gets a 64-bit key instead, from which the kernel hashes its noise (as the one-pass
+sampler: `kernels._exponential`), and the uniforms are hashed from the keys on the host: a
+seeded request's keys depend only on (its seed, its output position, the row), an unseeded
+one's on a step key (`SamplingRNG.next_step_key`) and its index. Either way a seeded request's
+output does not depend on the batch.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +45,18 @@ from pagedllm.worker.sample.ops import apply_filters, argmax_rows
 from pagedllm.worker.sample.rng import SamplingRNG
 
 MASK63 = (1 << 63) - 1
+_UNIFORM_COUNTER = 1 << 32  # a row key's counter for its draft's acceptance uniform
+
+
+@functools.cache
+def triton_enabled() -> bool:
+    """Whether CUDA verifications run `rejection_kernels.verify`: Triton installed and
+    `PAGEDLLM_TRITON_REJECTION=1` (read once; tests clear the cache). NOTE: opt-in until the
+    compiled kernel has run on a GPU (it is tested under Triton's interpreter only so far)."""
+    return (
+        os.environ.get("PAGEDLLM_TRITON_REJECTION", "0") == "1"
+        and importlib.util.find_spec("triton") is not None
+    )
 
 
 @dataclass
@@ -85,9 +109,12 @@ def draw_noise(
     positions: np.ndarray,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exp(1) noise [N, V] for the residual / bonus draws and uniforms [sum k] for the
-    acceptances. A seeded request's (`seeded[i]`) come from a generator keyed by its seed and
-    its output position `positions[i]`; the others' from the engine's generator."""
+    """The randomness of `rejection_sample`: the race's noise (torch path: Exp(1) noise
+    fp32 [N, V]; kernel path: the rows' noise keys, int64 [N]) and the acceptances' uniforms
+    (fp32 [sum k]). A seeded request's (`seeded[i]`) depend only on its seed and its output
+    position `positions[i]`; the others' on the engine's generator (step key)."""
+    if rng.use_kernel and triton_enabled():
+        return row_keys(layout, rng, seeded, seed_keys, positions, device)
     noise = torch.empty(num_rows, vocab, device=device)
     uniforms = torch.empty(len(layout.draft_ids), device=device)
     if not seeded.all():
@@ -108,6 +135,33 @@ def draw_noise(
     return noise, uniforms
 
 
+def row_keys(
+    layout: DraftLayout,
+    rng: SamplingRNG,
+    seeded: np.ndarray,
+    seed_keys: np.ndarray,
+    positions: np.ndarray,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel path's randomness: int64 [N] noise keys (row j of request i: the request's
+    `SamplingRNG.sample_keys` key mixed with j) and fp32 [sum k] uniforms (24 bits of a hash of
+    each draft row's key, in [0, 1)), computed on the host."""
+    req = SamplingRNG.sample_keys(seeded, seed_keys, positions, rng.next_step_key() or 0)
+    sizes = 1 + layout.num_drafts
+    within = np.arange(layout.num_rows) - np.repeat(layout.starts, sizes)
+    ones = np.ones(layout.num_rows, bool)
+    keys = SamplingRNG.sample_keys(ones, np.repeat(req, sizes), within, 0)
+    n = len(layout.draft_rows)
+    bits = SamplingRNG.sample_keys(
+        ones[:n], keys[layout.draft_rows], np.full(n, _UNIFORM_COUNTER), 0
+    )
+    uniforms = (bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+    return (
+        torch.from_numpy(keys.view(np.int64)).to(device),
+        torch.from_numpy(uniforms).to(device),
+    )
+
+
 def rejection_sample(
     probs: torch.Tensor,
     layout: DraftLayout,
@@ -121,7 +175,12 @@ def rejection_sample(
     host: the residual draw of a draft row, the bonus draw of a bonus row) and each request's
     emitted tokens (its accepted drafts, then that row's token). `greedy_rows` (bool [N]):
     rows drawn without noise (None: none). `draft_probs` (fp32 [sum k, V]): the distribution
-    q each draft was drawn from, one-hot rows for deterministic drafts (None: all are)."""
+    q each draft was drawn from, one-hot rows for deterministic drafts (None: all are).
+    `noise`: Exp(1) noise fp32 [N, V], or the rows' noise keys int64 [N] (`row_keys`: the kernel
+    hashes the noise; needs Triton). On CUDA (and with keys) the Triton kernel verifies, whose
+    row ids after a request's last emitted row are 0 and before it its accepted drafts."""
+    if noise.dtype == torch.int64 or (probs.is_cuda and triton_enabled()):
+        return _kernel_sample(probs, layout, noise, uniforms, greedy_rows, draft_probs)
     dev = probs.device
     draft_rows = torch.from_numpy(layout.draft_rows).to(dev)
     draft_ids = torch.from_numpy(layout.draft_ids).to(dev)
@@ -147,4 +206,37 @@ def rejection_sample(
             a += 1
         tokens.append(layout.draft_ids[d : d + a].tolist() + [int(row_ids[start + a])])
         d += k
+    return row_ids, tokens
+
+
+def _kernel_sample(
+    probs: torch.Tensor,
+    layout: DraftLayout,
+    noise: torch.Tensor,
+    uniforms: torch.Tensor,
+    greedy_rows: torch.Tensor | None,
+    draft_probs: torch.Tensor | None,
+) -> tuple[np.ndarray, list[list[int]]]:
+    """`rejection_sample` by `rejection_kernels.verify`."""
+    from pagedllm.worker.sample import rejection_kernels
+
+    num_reqs = len(layout.num_drafts)
+    meta = np.concatenate([layout.starts, layout.num_drafts, layout.draft_ids]).astype(np.int64)
+    keyed = noise.dtype == torch.int64
+    out, accepted = rejection_kernels.verify(
+        probs.float().contiguous(),
+        torch.from_numpy(meta).to(probs.device),
+        num_reqs,
+        uniforms.float(),
+        draft_probs=None if draft_probs is None else draft_probs.float().contiguous(),
+        noise=None if keyed else noise.float().contiguous(),
+        keys=noise if keyed else None,
+        greedy_rows=greedy_rows,
+    )
+    host = torch.cat([out, accepted]).cpu().numpy()
+    row_ids, counts = host[: probs.shape[0]], host[probs.shape[0] :]
+    tokens = [
+        row_ids[start : start + a + 1].tolist()
+        for start, a in zip(layout.starts.tolist(), counts.tolist())
+    ]
     return row_ids, tokens
