@@ -8,8 +8,8 @@ Dummy weights; the EAGLE heads are one-layer heads of the target's shape written
 temporary folder (EAGLE-3 with a 32,000-token draft vocabulary). A random head proposes k
 tokens every step and random weights accept almost none, so every step of a speculative run is
 a verify step of 1 + k tokens per request emitting one token each (one prefill step in each
-run, both timed runs alike): its cost is (wall time −
-draft time) / steps, against the plain run's decode step. Per method: the target's decode step
+run, both timed runs alike): its cost is (wall time − draft time) / steps, against the plain
+run's decode step. Per method: the target's decode step
 (none), or the draft time per proposal and per head forward (a catch-up forward plus k - 1
 one-token forwards), the verify step and its ratio to the decode step, the acceptance rate.
 """
