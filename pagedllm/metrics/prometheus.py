@@ -4,9 +4,9 @@ Scheduler state comes from the engine core's stats (one snapshot per step; with 
 parallelism, every core's merged): gauges are set from it, and its cumulative counters
 (prefix-cache queries and hits, preemptions, speculative decoding's drafts, draft tokens and
 accepted tokens) are turned into counter increments. Request metrics come from the client, which
-sees every request's outputs arrive: token counts, time to first token, inter-token latency, end-to-end latency, queue time
-(measured in the core: from the request reaching it to its first schedule), and finished
-requests by finish reason.
+sees every request's outputs arrive: token counts, time to first token, inter-token latency,
+end-to-end latency, queue time (measured in the core: from the request reaching it to its first
+schedule), and finished requests by finish reason.
 
 Every metric carries a `model_name` label, as vLLM's do. The server exposes the registry at
 GET /metrics (`prometheus_client.generate_latest(registry)`).
