@@ -8,7 +8,8 @@ Two costs, kept apart:
   processor calls it so a bad schema is a ValueError when the request is made;
 - `XgrammarBackend.compile` turns it into the vocabulary's token masks (the slow part, up to
   seconds for a large schema): the manager runs it in a thread, never in the step loop.
-  xgrammar's compiler keeps a cache keyed by the spec, so a repeated schema compiles once.
+  xgrammar's compiler keeps a cache keyed by the spec, so a repeated schema compiles once
+  (bounded by `GRAMMAR_CACHE_BYTES`: the least recently used grammars leave it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 import numpy as np
 
 from pagedllm.sampling_params import StructuredOutputsParams
+
+# The compiled-grammar cache's bound (xgrammar evicts the least recently used past it).
+GRAMMAR_CACHE_BYTES = 256 * 1024**2
 
 
 def _choice_grammar(choices: list[str]) -> str:
@@ -138,7 +142,10 @@ class XgrammarBackend:
         )
         self.vocab_size = vocab_size
         self.num_words = -(-vocab_size // 32)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=True)
+        # NOTE: bounded: an unbounded cache grows with every distinct schema a client sends.
+        self.compiler = xgr.GrammarCompiler(
+            info, max_threads=max_threads, cache_enabled=True, cache_limit_bytes=GRAMMAR_CACHE_BYTES
+        )
         self._batch = xgr.BatchGrammarMatcher(max_threads)
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
